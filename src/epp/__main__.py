@@ -1,0 +1,3 @@
+from epp.cli import entrypoint
+
+entrypoint()

@@ -1,0 +1,167 @@
+"""Command line: argument parsing only, producing one immutable ``Settings``.
+
+epp serve         run the endpoint picker
+epp envoy-config  render an Envoy bootstrap for a pool file
+epp check-config  validate a pool file and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from epp.config import Settings, load_pool_file, parse_bool, parse_duration
+from epp.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _arg(fn: Callable[[str], T]) -> Callable[[str], T]:
+    def convert(text: str) -> T:
+        try:
+            return fn(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = fn.__name__.removeprefix("parse_")
+    return convert
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "ki": 1 << 10, "m": 1 << 20, "mi": 1 << 20, "g": 1 << 30, "gi": 1 << 30}
+    t = text.strip().lower().removesuffix("b")
+    num = t.rstrip("kmgi")
+    if not num.isdigit() or t[len(num) :] not in units:
+        raise ConfigError(f"invalid size {text!r}: expected e.g. 16Mi or 1048576")
+    return int(num) * units[t[len(num) :]]
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the endpoint picker (ext_proc gRPC server)")
+    p.add_argument("--pool-file", required=True, help="static pool YAML (re-read when it changes)")
+    p.add_argument("--grpc-port", type=int, default=9002)
+    p.add_argument("--grpc-health-port", type=int, default=9003)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--bind-address", default="0.0.0.0")
+    p.add_argument("--secure-serving", type=_arg(parse_bool), nargs="?", const=True, default=True, metavar="true|false")
+    p.add_argument("--cert-path", default=None, help="directory with tls.crt and tls.key")
+    p.add_argument("--config-file", default=None, help="scheduling profile YAML")
+    p.add_argument("--refresh-metrics-interval", type=_arg(parse_duration), default=0.05, metavar="DURATION")
+    p.add_argument("--metrics-staleness-threshold", type=_arg(parse_duration), default=2.0, metavar="DURATION")
+    p.add_argument("--pool-file-poll-interval", type=_arg(parse_duration), default=1.0, metavar="DURATION")
+    p.add_argument("--max-body-bytes", type=_arg(_size), default=16 << 20, metavar="SIZE")
+    p.add_argument("--max-fallback-endpoints", type=int, default=2)
+    p.add_argument("--drain-timeout", type=_arg(parse_duration), default=30.0, metavar="DURATION")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
+def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("envoy-config", help="render an Envoy bootstrap YAML for a pool file")
+    p.add_argument("--pool-file", required=True)
+    p.add_argument("--listen-port", type=int, required=True)
+    p.add_argument("--listen-address", default="127.0.0.1")
+    p.add_argument("--admin-port", type=int, default=0)
+    p.add_argument("--epp-address", required=True, help="host:port of epp's ext_proc server")
+    p.add_argument("--body-mode", choices=["full-duplex", "buffered"], default="full-duplex")
+    p.add_argument("--lb", choices=["original-dst", "override-host"], default="override-host")
+    p.add_argument("--epp-tls", action="store_true", help="connect to epp over TLS (no verification)")
+    p.add_argument("--access-log", default=None, help="access log path (default stdout)")
+    p.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epp", description="Endpoint Picker for inference gateways")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_envoy_config(sub)
+    p = sub.add_parser("check-config", help="validate a pool file")
+    p.add_argument("--pool-file", required=True)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        pool_file=args.pool_file,
+        grpc_port=args.grpc_port,
+        grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        bind_address=args.bind_address,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        config_file=args.config_file,
+        refresh_metrics_interval=args.refresh_metrics_interval,
+        metrics_staleness_threshold=args.metrics_staleness_threshold,
+        pool_file_poll_interval=args.pool_file_poll_interval,
+        max_body_bytes=args.max_body_bytes,
+        max_fallback_endpoints=args.max_fallback_endpoints,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+        log_format=args.log_format,
+    )
+
+
+def _serve(settings: Settings) -> int:
+    import uvloop
+
+    from epp.app import App
+    from epp.observability.logging import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+
+    async def run() -> int:
+        app = App(settings)
+        return await app.serve_until_signal()
+
+    return uvloop.run(run())
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    from epp.envoy.config import dump_bootstrap, render_bootstrap
+
+    text = dump_bootstrap(
+        render_bootstrap(
+            load_pool_file(args.pool_file),
+            listen_port=args.listen_port,
+            listen_address=args.listen_address,
+            admin_port=args.admin_port,
+            epp_address=args.epp_address,
+            body_mode=args.body_mode,
+            lb=args.lb,
+            epp_tls=args.epp_tls,
+            access_log_path=args.access_log,
+        )
+    )
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(settings_from(args))
+        if args.command == "envoy-config":
+            return _envoy_config(args)
+        pool = load_pool_file(args.pool_file)
+        print(f"ok: pool {pool.pool.name} with {len(pool.pool.endpoints)} endpoints")
+        return 0
+    except ConfigError as exc:
+        print(f"epp: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

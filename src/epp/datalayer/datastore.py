@@ -1,0 +1,143 @@
+"""The datastore: endpoint membership, latest metrics, and epp's own in-flight load.
+
+Invariants:
+* endpoint sets and metrics are swapped in whole (never mutated in place);
+* every :meth:`Datastore.acquire` returns an :class:`InflightTicket` whose counts are
+  removed exactly once, by :meth:`InflightTicket.release` (idempotent), even if the
+  endpoint left the pool meanwhile.
+* Everything here is synchronous and runs on the event loop thread, so no locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from epp.domain import Endpoint, EndpointMetrics, ModelPolicy
+
+
+@dataclass(slots=True)
+class _Load:
+    requests: int = 0
+    tokens: int = 0
+
+
+class InflightTicket:
+    """One request's claim on an endpoint; released exactly once."""
+
+    __slots__ = ("_store", "address", "released", "tokens")
+
+    def __init__(self, store: Datastore, address: str, tokens: int) -> None:
+        self._store = store
+        self.address = address
+        self.tokens = tokens
+        self.released = False
+
+    def move_to(self, address: str) -> None:
+        """Account the request to another endpoint (Envoy served a fallback)."""
+        if self.released or address == self.address:
+            return
+        self._store._sub(self.address, self.tokens)
+        self.address = address
+        self._store._add(address, self.tokens)
+
+    def release(self) -> bool:
+        """Remove this request's load; returns False if it was already released."""
+        if self.released:
+            return False
+        self.released = True
+        self._store._sub(self.address, self.tokens)
+        return True
+
+
+class Datastore:
+    """The pool (and optional mirror pool) as epp currently sees it."""
+
+    def __init__(self, pool_name: str = "", *, clock: Callable[[], float] | None = None) -> None:
+        self.pool_name = pool_name
+        self.mirror_name = ""
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._mirror: tuple[Endpoint, ...] = ()
+        self._by_address: dict[str, Endpoint] = {}
+        self._metrics: dict[str, EndpointMetrics] = {}
+        self._load: dict[str, _Load] = {}
+        self._policies: Mapping[str, ModelPolicy] | None = None
+        self.synced = False
+        self._listeners: list[Callable[[], None]] = []
+
+    # ---- membership -------------------------------------------------------------------
+    def set_pool(
+        self,
+        endpoints: Iterable[Endpoint],
+        *,
+        policies: Mapping[str, ModelPolicy] | None = None,
+        mirror: Iterable[Endpoint] = (),
+        pool_name: str | None = None,
+        mirror_name: str = "",
+    ) -> None:
+        self._endpoints = tuple(endpoints)
+        self._mirror = tuple(mirror)
+        self._policies = dict(policies) if policies is not None else None
+        if pool_name is not None:
+            self.pool_name = pool_name
+        self.mirror_name = mirror_name
+        self._by_address = {e.address: e for e in (*self._endpoints, *self._mirror)}
+        for address in list(self._metrics):
+            if address not in self._by_address:
+                del self._metrics[address]
+        self.synced = True
+        for listener in self._listeners:
+            listener()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._endpoints
+
+    def mirror_endpoints(self) -> tuple[Endpoint, ...]:
+        return self._mirror
+
+    def get(self, address: str) -> Endpoint | None:
+        return self._by_address.get(address)
+
+    def policies(self) -> Mapping[str, ModelPolicy] | None:
+        return self._policies
+
+    # ---- metrics ---------------------------------------------------------------------
+    def set_metrics(self, address: str, metrics: EndpointMetrics) -> None:
+        if address in self._by_address:
+            self._metrics[address] = metrics
+
+    def metrics(self, address: str) -> EndpointMetrics | None:
+        return self._metrics.get(address)
+
+    # ---- own load ----------------------------------------------------------------------
+    def acquire(self, endpoint: Endpoint, tokens: int = 0) -> InflightTicket:
+        self._add(endpoint.address, tokens)
+        return InflightTicket(self, endpoint.address, tokens)
+
+    def inflight(self, address: str) -> int:
+        load = self._load.get(address)
+        return load.requests if load else 0
+
+    def inflight_tokens(self, address: str) -> int:
+        load = self._load.get(address)
+        return load.tokens if load else 0
+
+    def total_inflight(self) -> int:
+        return sum(load.requests for load in self._load.values())
+
+    def _add(self, address: str, tokens: int) -> None:
+        load = self._load.get(address)
+        if load is None:
+            load = self._load[address] = _Load()
+        load.requests += 1
+        load.tokens += tokens
+
+    def _sub(self, address: str, tokens: int) -> None:
+        load = self._load[address]
+        load.requests -= 1
+        load.tokens -= tokens
+        if load.requests == 0:
+            del self._load[address]

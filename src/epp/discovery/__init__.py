@@ -1,0 +1,1 @@
+"""Discovery: who is in the pool (static file now; Kubernetes watch later)."""

@@ -1,0 +1,349 @@
+"""The per-stream state machine: one ``ExtProcStream`` per Envoy ext_proc stream.
+
+``handle(message)`` is synchronous and returns the responses to send, so every
+protocol path is testable without gRPC.  Request-side and response-side state are
+kept apart, as Envoy's own filter does.
+
+Body modes are told apart from what Envoy sends: ``protocol_config`` (first message
+of a stream, Envoy ≥ 1.33) names them.  Without it, BUFFERED is assumed, which is
+safe because a buffered reply to the headers never loses the body.
+
+* FULL_DUPLEX_STREAMED: the ``request_headers`` reply is deferred until the body ends;
+  then one headers reply (destination header + ``envoy.lb`` metadata) and the body as
+  ``streamed_response`` chunks.  Response chunks pass straight through.
+* BUFFERED: headers are answered at once; the single body message is answered with the
+  destination, metadata and (when rewritten) the new body and its Content-Length.
+* NONE / STREAMED request bodies cannot be routed on: the request is routed on its
+  headers, like a body-less GET.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import json_format
+
+from epp.datalayer import Datastore, InflightTicket
+from epp.domain import InferenceRequest, Pick
+from epp.errors import PayloadTooLarge, Rejected
+from epp.extproc import responses
+from epp.extproc.protocol import (
+    DESTINATION_HEADER,
+    DESTINATION_SERVED_KEY,
+    LB_NAMESPACE,
+    REQUEST_ID_HEADER,
+    SUBSET_KEY,
+    SUBSET_NAMESPACE,
+    BodySendMode,
+    Phase,
+)
+from epp.observability.logging import request_id_var
+from epp.observability.metrics import EppMetrics
+from epp.openai import ModelNameRestorer, UsageParser, new_request_id, parse_inference_request
+from epp.routing import Router, parse_subset
+
+log = logging.getLogger(__name__)
+
+Response = Any  # ProcessingResponse
+
+
+@dataclass(slots=True)
+class RequestSide:
+    mode: BodySendMode = BodySendMode.BUFFERED
+    headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    subset: tuple[str, ...] | None = None
+    routed: bool = False
+
+
+@dataclass(slots=True)
+class ResponseSide:
+    mode: BodySendMode = BodySendMode.NONE
+    status: int = 0
+    usage: UsageParser | None = None
+    restorer: ModelNameRestorer | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-stream state, owned by the transport; never passed below ``routing``."""
+
+    request_id: str = ""
+    started: float = field(default_factory=time.monotonic)
+    request: InferenceRequest | None = None
+    pick: Pick | None = None
+    ticket: InflightTicket | None = None
+    model: str = ""
+    target_model: str = ""
+    req: RequestSide = field(default_factory=RequestSide)
+    resp: ResponseSide = field(default_factory=ResponseSide)
+
+
+def _header_map(http_headers: Any) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in http_headers.headers.headers:
+        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _filter_metadata(message: Any) -> dict[str, Any]:
+    fm = message.metadata_context.filter_metadata
+    return {ns: json_format.MessageToDict(fm[ns]) for ns in fm} if fm else {}
+
+
+class ExtProcStream:
+    """Turns the messages of one ext_proc stream into responses and a routing decision."""
+
+    def __init__(
+        self,
+        router: Router,
+        datastore: Datastore,
+        metrics: EppMetrics,
+        *,
+        max_body_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._router = router
+        self._store = datastore
+        self._metrics = metrics
+        self._max_body = max_body_bytes
+        self._clock = clock
+        self.ctx = RequestContext(started=clock())
+        self.finished = False  # an ImmediateResponse was sent: Envoy ends the stream
+        self._closed = False
+        self._first = True
+
+    # ---- dispatch ----------------------------------------------------------------------
+    def handle(self, message: Any) -> list[Response]:
+        if self._first:
+            self._first = False
+            if message.HasField("protocol_config"):
+                pc = message.protocol_config
+                self.ctx.req.mode = BodySendMode(pc.request_body_mode)
+                self.ctx.resp.mode = BodySendMode(pc.response_body_mode)
+        phase = Phase(message.WhichOneof("request"))
+        try:
+            if phase is Phase.REQUEST_HEADERS:
+                return self.on_request_headers(message)
+            if phase is Phase.REQUEST_BODY:
+                return self.on_request_body(message.request_body.body, message.request_body.end_of_stream)
+            if phase is Phase.REQUEST_TRAILERS:
+                return self.on_request_trailers()
+            self._note_served(message)
+            if phase is Phase.RESPONSE_HEADERS:
+                return self.on_response_headers(message)
+            if phase is Phase.RESPONSE_BODY:
+                return self.on_response_body(message.response_body.body, message.response_body.end_of_stream)
+            return self.on_response_trailers()
+        except Rejected as rejected:
+            return [self._reject(rejected)]
+
+    # ---- request path --------------------------------------------------------------------
+    def on_request_headers(self, message: Any) -> list[Response]:
+        ctx, req = self.ctx, self.ctx.req
+        req.headers = _header_map(message.request_headers)
+        ctx.request_id = req.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        request_id_var.set(ctx.request_id)
+        hint = _filter_metadata(message).get(SUBSET_NAMESPACE)
+        if isinstance(hint, dict) and SUBSET_KEY in hint:
+            req.subset = parse_subset(hint[SUBSET_KEY])
+        if message.request_headers.end_of_stream or req.mode in (BodySendMode.NONE, BodySendMode.STREAMED):
+            return [self._route_headers_only()]
+        length = req.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self._max_body:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {self._max_body}")
+        if req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
+            return []  # answered once the body is complete
+        return [responses.request_headers_response()]
+
+    def on_request_body(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
+        req = self.ctx.req
+        if req.routed:  # body after a headers-only decision (NONE/STREAMED modes): pass through
+            return self._pass_request_chunk(chunk, end_of_stream)
+        if chunk:
+            req.size += len(chunk)
+            if req.size > self._max_body:
+                raise PayloadTooLarge(f"request body exceeds the limit of {self._max_body} bytes")
+            req.chunks.append(chunk)
+        if not end_of_stream:
+            if req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
+                return []
+            # BUFFERED_PARTIAL hit its limit: the rest will not come to us before routing.
+            raise PayloadTooLarge("request body exceeds the gateway's buffer")
+        return self._route_body(end_of_stream=True)
+
+    def on_request_trailers(self) -> list[Response]:
+        out: list[Response] = []
+        if not self.ctx.req.routed:
+            out = self._route_body(end_of_stream=False)
+        out.append(responses.trailers_response(Phase.REQUEST_TRAILERS))
+        return out
+
+    def _route_headers_only(self) -> Response:
+        ctx = self.ctx
+        request = InferenceRequest(
+            request_id=ctx.request_id,
+            model="",
+            target_model="",
+            path=ctx.req.headers.get(":path", ""),
+            subset=ctx.req.subset,
+            headers=ctx.req.headers,
+        )
+        pick = self._router.route(request)
+        return responses.request_headers_response(*self._destination(pick, None), clear_route_cache=True)
+
+    def _route_body(self, *, end_of_stream: bool) -> list[Response]:
+        ctx, req = self.ctx, self.ctx.req
+        body = b"".join(req.chunks)
+        req.chunks = []
+        request, doc = parse_inference_request(
+            body, req.headers, path=req.headers.get(":path", ""), request_id=ctx.request_id, subset=req.subset
+        )
+        ctx.model = request.model
+        pick = self._router.route(request, doc)
+        new_body = pick.body if pick.body is not None else body
+        headers, metadata = self._destination(pick, request, body_len=len(new_body))
+        if req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
+            return [
+                responses.request_headers_response(headers, metadata, clear_route_cache=True),
+                *responses.streamed_body(Phase.REQUEST_BODY, new_body, end_of_stream),
+            ]
+        return [responses.request_body_response(headers, metadata, body=pick.body, clear_route_cache=True)]
+
+    def _destination(
+        self, pick: Pick, request: InferenceRequest | None, body_len: int | None = None
+    ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """Account the pick and build the destination header + ``envoy.lb`` metadata."""
+        ctx = self.ctx
+        ctx.req.routed = True
+        ctx.pick = pick
+        ctx.request = request
+        ctx.target_model = pick.target_model
+        ctx.ticket = self._store.acquire(pick.primary, request.prompt_tokens if request else 0)
+        if request is not None:
+            self._metrics.request_total.labels(ctx.model, ctx.target_model).inc()
+            self._metrics.running_requests.labels(ctx.model).inc()
+        addresses = ",".join(e.address for e in pick.endpoints)
+        # ORIGINAL_DST clusters read the header and cannot parse a list, so the header
+        # carries the primary only; the metadata carries primary + fallbacks.
+        headers = {DESTINATION_HEADER: pick.primary.address}
+        if REQUEST_ID_HEADER not in ctx.req.headers:
+            headers[REQUEST_ID_HEADER] = ctx.request_id
+        if body_len is not None:
+            headers["content-length"] = str(body_len)
+        log.debug("picked %s for model %s", addresses, ctx.target_model or "-")
+        return headers, {LB_NAMESPACE: {DESTINATION_HEADER: addresses}}
+
+    def _pass_request_chunk(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
+        if self.ctx.req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
+            return list(responses.streamed_body(Phase.REQUEST_BODY, chunk, end_of_stream))
+        return [responses.request_body_response()]
+
+    # ---- response path -------------------------------------------------------------------
+    def _note_served(self, message: Any) -> None:
+        """Move the in-flight claim to the endpoint Envoy reports it actually used."""
+        ticket = self.ctx.ticket
+        if ticket is None or not message.HasField("metadata_context"):
+            return
+        lb = _filter_metadata(message).get(LB_NAMESPACE)
+        served = lb.get(DESTINATION_SERVED_KEY) if isinstance(lb, dict) else None
+        if isinstance(served, str) and served and served != ticket.address and self._store.get(served):
+            log.debug("envoy served %s instead of %s", served, ticket.address)
+            ticket.move_to(served)
+
+    def on_response_headers(self, message: Any) -> list[Response]:
+        ctx, resp = self.ctx, self.ctx.resp
+        headers = _header_map(message.response_headers)
+        status = headers.get(":status", "0")
+        resp.status = int(status) if status.isdigit() else 0
+        sse = "text/event-stream" in headers.get("content-type", "") or (ctx.request is not None and ctx.request.stream)
+        resp.usage = UsageParser(sse=sse)
+        remove: list[str] = []
+        if ctx.request is not None and ctx.target_model and ctx.target_model != ctx.model:
+            resp.restorer = ModelNameRestorer(ctx.target_model, ctx.model)
+            if "content-length" in headers and resp.mode is not BodySendMode.BUFFERED:
+                remove.append("content-length")  # the restored name may change the length
+        if message.response_headers.end_of_stream:
+            self._finish_response()
+        return [responses.response_headers_response(remove=remove)]
+
+    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
+        resp = self.ctx.resp
+        if resp.usage is not None:
+            resp.usage.feed(chunk)
+        out = resp.restorer.feed(chunk, end_of_stream) if resp.restorer else chunk
+        if end_of_stream:
+            self._finish_response()
+        if resp.mode is BodySendMode.FULL_DUPLEX_STREAMED:
+            return list(responses.streamed_body(Phase.RESPONSE_BODY, out, end_of_stream))
+        if out is chunk:
+            return [responses.response_body_response()]
+        extra = {"content-length": str(len(out))} if resp.mode is BodySendMode.BUFFERED else None
+        return [responses.response_body_response(out, extra)]
+
+    def on_response_trailers(self) -> list[Response]:
+        self._finish_response()
+        return [responses.trailers_response(Phase.RESPONSE_TRAILERS)]
+
+    def _finish_response(self) -> None:
+        ctx, resp = self.ctx, self.ctx.resp
+        if resp.done:
+            return
+        resp.done = True
+        m, labels = self._metrics, (ctx.model, ctx.target_model)
+        if ctx.request is not None:
+            m.request_duration.labels(*labels).observe(self._clock() - ctx.started)
+            usage = resp.usage.finish() if resp.usage else None
+            if usage is not None:
+                m.input_tokens.labels(*labels).observe(usage.prompt_tokens)
+                m.output_tokens.labels(*labels).observe(usage.completion_tokens)
+            if resp.status >= 400:
+                m.request_error_total.labels(*labels, str(resp.status)).inc()
+            log.info(
+                "done model=%s target=%s endpoint=%s status=%s duration=%.3fs",
+                ctx.model,
+                ctx.target_model,
+                ctx.ticket.address if ctx.ticket else "-",
+                resp.status,
+                self._clock() - ctx.started,
+            )
+        self._release()
+
+    def _release(self) -> None:
+        ticket = self.ctx.ticket
+        if ticket is not None and ticket.release() and self.ctx.request is not None:
+            self._metrics.running_requests.labels(self.ctx.model).dec()
+
+    # ---- errors and end of stream ------------------------------------------------------
+    def _reject(self, rejected: Rejected) -> Response:
+        ctx = self.ctx
+        self.finished = True
+        self._metrics.rejections_total.labels(rejected.reason).inc()
+        self._metrics.request_error_total.labels(ctx.model, ctx.target_model, rejected.reason).inc()
+        log.info("rejected %s: %s", rejected.http_status, rejected.message)
+        self._release()
+        extra = {} if REQUEST_ID_HEADER in ctx.req.headers else {REQUEST_ID_HEADER: ctx.request_id}
+        return responses.immediate_response(rejected, extra)
+
+    def close(self, *, cancelled: bool = False) -> None:
+        """End of the gRPC stream (normal, error or cancellation): release exactly once."""
+        if self._closed:
+            return
+        self._closed = True
+        ctx = self.ctx
+        if ctx.ticket is not None and not ctx.resp.done:
+            if cancelled and ctx.request is not None:
+                self._metrics.request_error_total.labels(ctx.model, ctx.target_model, "Cancelled").inc()
+            if ctx.resp.status or not cancelled:
+                self._finish_response()
+            self._release()
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self.ctx.req.headers

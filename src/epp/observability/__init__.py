@@ -1,0 +1,1 @@
+"""Metrics and logging; a leaf package any module may import."""

@@ -1,0 +1,139 @@
+"""Every Prometheus metric epp exports, on an injected registry.
+
+Names and labels follow the Go reference EPP (``inference_model_*`` family of v1.0,
+``inference_pool_*``, ``inference_extension_*``), so existing dashboards work.
+Labels carry bounded values only (model names, error codes, pool and pod names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_DURATION_BUCKETS = (
+    0.005,
+    0.025,
+    0.05,
+    0.1,
+    0.2,
+    0.4,
+    0.6,
+    0.8,
+    1.0,
+    1.25,
+    1.5,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    15,
+    20,
+    30,
+    45,
+    60,
+    120,
+    180,
+    240,
+    300,
+    360,
+    480,
+    600,
+    900,
+    1200,
+    1800,
+    2700,
+    3600,
+)
+_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072)
+_SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+class EppMetrics:
+    """The metric objects; construct one per process (or per test) with its registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        model = ["model_name", "target_model_name"]
+        self.request_total = Counter("inference_model_request", "Requests routed per model.", model, registry=r)
+        self.request_error_total = Counter(
+            "inference_model_request_error", "Requests that ended in an error.", [*model, "error_code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "inference_model_request_duration_seconds",
+            "Request latency seen by epp.",
+            model,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Histogram(
+            "inference_model_input_tokens",
+            "Prompt tokens per request (from usage).",
+            model,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.output_tokens = Histogram(
+            "inference_model_output_tokens",
+            "Completion tokens per request (from usage).",
+            model,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.running_requests = Gauge(
+            "inference_model_running_requests",
+            "Requests epp routed and has not seen finish.",
+            ["model_name"],
+            registry=r,
+        )
+        self.scheduler_e2e = Histogram(
+            "inference_extension_scheduler_e2e_duration_seconds",
+            "Time to make one scheduling decision.",
+            buckets=_SCHEDULER_BUCKETS,
+            registry=r,
+        )
+        self.streams = Gauge("epp_extproc_streams", "Open ext_proc streams.", registry=r)
+        self.rejections_total = Counter(
+            "epp_rejections", "Requests answered by epp itself, by reason.", ["reason"], registry=r
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PodLoad:
+    pod: str
+    inflight: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSnapshot:
+    name: str
+    ready_pods: int
+    pods: Sequence[PodLoad]
+
+
+class PoolCollector(Collector):
+    """Pool gauges computed at scrape time from the datastore, so they can never drift."""
+
+    def __init__(self, snapshot: Callable[[], PoolSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self._snapshot()
+        ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints ready in the pool.", labels=["name"])
+        ready.add_metric([snap.name], snap.ready_pods)
+        yield ready
+        inflight = GaugeMetricFamily(
+            "inference_pool_per_pod_inflight_requests",
+            "epp's own in-flight requests per endpoint.",
+            labels=["name", "model_server_pod"],
+        )
+        for pod in snap.pods:
+            inflight.add_metric([snap.name, pod.pod], pod.inflight)
+        yield inflight

@@ -1,0 +1,8 @@
+"""Scheduling: choose endpoints for an :class:`~epp.domain.InferenceRequest`.
+
+Pure and synchronous: never imports grpc, aiohttp, kubernetes or ``epp.extproc``.
+"""
+
+from epp.scheduling.scheduler import LeastInflightScheduler, LoadView, Scheduler
+
+__all__ = ["LeastInflightScheduler", "LoadView", "Scheduler"]
