@@ -1,0 +1,319 @@
+"""ext_proc driven directly over real gRPC streams (no Envoy): message sequences,
+rejections, response accounting, cancellation, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import orjson
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from messages import (
+    BUFFERED,
+    lb_metadata,
+    request_body,
+    request_headers,
+    request_trailers,
+    response_body,
+    response_headers,
+    response_trailers,
+    set_headers,
+)
+
+A, B = "127.0.0.1:18001", "127.0.0.1:18002"
+MODELS = [{"modelName": "m", "criticality": "Critical", "targetModels": [{"name": "m-target", "weight": 100}]}]
+
+
+def body_of(model: str = "m", **extra: object) -> bytes:
+    return orjson.dumps({"model": model, "prompt": "hello world", "max_tokens": 5, **extra})
+
+
+def value(app, name: str, labels: dict[str, str] | None = None) -> float:
+    v = app.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if v is None else v
+
+
+@pytest.fixture
+async def app(write_pool, start_app):
+    return await start_app(write_pool([A, {"address": B, "name": "pod-b"}], models=MODELS))
+
+
+@pytest.fixture
+def client(app, client_for):
+    return client_for(app)
+
+
+async def test_full_duplex_defers_headers_until_body_end_and_rewrites_model(app, client):
+    call = client.open()
+    await call.write(request_headers({"content-length": "999"}))
+    body = body_of()
+    await call.write(request_body(body[:10], end_of_stream=False))
+    await call.write(request_body(body[10:], end_of_stream=False))
+    await call.write(request_body(b"", end_of_stream=True))  # Envoy's empty final chunk
+    headers_reply = await call.read()
+    assert headers_reply.WhichOneof("response") == "request_headers"
+    assert headers_reply.request_headers.response.clear_route_cache
+    hdrs = set_headers(headers_reply)
+    primary = hdrs["x-gateway-destination-endpoint"]
+    assert primary in (A, B)
+    lb = lb_metadata(headers_reply)["envoy.lb"]["x-gateway-destination-endpoint"].split(",")
+    assert lb[0] == primary and set(lb) == {A, B}
+    body_reply = await call.read()
+    streamed = body_reply.request_body.response.body_mutation.streamed_response
+    assert streamed.end_of_stream
+    sent = orjson.loads(streamed.body)
+    assert sent["model"] == "m-target" and sent["prompt"] == "hello world"
+    assert hdrs["content-length"] == str(len(streamed.body))
+    assert "x-request-id" in hdrs
+    assert app.datastore.inflight(primary) == 1
+    # response path: status, JSON usage, reverse rewrite, pass-through chunking
+    r = await client.send(call, response_headers(200, {"content-type": "application/json"}), 1)
+    assert r[0].WhichOneof("response") == "response_headers"
+    out = orjson.dumps({"model": "m-target", "usage": {"prompt_tokens": 3, "completion_tokens": 5}})
+    r = await client.send(call, response_body(out, end_of_stream=True), 1)
+    returned = r[0].response_body.response.body_mutation.streamed_response
+    assert orjson.loads(returned.body)["model"] == "m" and returned.end_of_stream
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    await app.servicer.wait_idle()
+    assert app.datastore.total_inflight() == 0
+    labels = {"model_name": "m", "target_model_name": "m-target"}
+    assert value(app, "inference_model_request_total", labels) == 1
+    assert value(app, "inference_model_output_tokens_sum", labels) == 5
+    assert value(app, "inference_model_input_tokens_sum", labels) == 3
+    assert value(app, "inference_model_running_requests", {"model_name": "m"}) == 0
+
+
+async def test_large_body_is_rechunked_at_62000_bytes(app, client):
+    big = orjson.dumps({"model": "m", "prompt": "x" * 150_000})
+    replies = await client.run([request_headers(), request_body(big, end_of_stream=True)])
+    chunks = [r.request_body.response.body_mutation.streamed_response for r in replies[1:]]
+    assert [len(c.body) <= 62_000 for c in chunks] == [True] * len(chunks) and len(chunks) == 3
+    assert [c.end_of_stream for c in chunks] == [False, False, True]
+    assert orjson.loads(b"".join(c.body for c in chunks))["prompt"] == "x" * 150_000
+
+
+async def test_duplex_with_trailers_ends_body_without_eos_then_answers_trailers(app, client):
+    replies = await client.run([request_headers(), request_body(body_of(), end_of_stream=False), request_trailers()])
+    kinds = [r.WhichOneof("response") for r in replies]
+    assert kinds == ["request_headers", "request_body", "request_trailers"]
+    assert not replies[1].request_body.response.body_mutation.streamed_response.end_of_stream
+
+
+async def test_buffered_mode_answers_headers_at_once_and_routes_in_body_reply(app, client):
+    call = client.open()
+    first = await client.send(call, request_headers(mode=BUFFERED), 1)
+    assert first[0].WhichOneof("response") == "request_headers"
+    assert not set_headers(first[0])
+    body = body_of()
+    (reply,) = await client.send(call, request_body(body, end_of_stream=True), 1)
+    common = reply.request_body.response
+    hdrs = set_headers(reply)
+    assert hdrs["x-gateway-destination-endpoint"] in (A, B) and common.clear_route_cache
+    assert orjson.loads(common.body_mutation.body)["model"] == "m-target"
+    assert hdrs["content-length"] == str(len(common.body_mutation.body))
+    assert "envoy.lb" in lb_metadata(reply)
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    await app.servicer.wait_idle()
+    assert app.datastore.total_inflight() == 0
+
+
+async def test_bodyless_get_is_routed_on_headers(app, client):
+    replies = await client.run([request_headers({"x-request-id": "abc"}, method="GET", path="/v1/models",
+                                                end_of_stream=True)])
+    assert len(replies) == 1
+    hdrs = set_headers(replies[0])
+    assert hdrs["x-gateway-destination-endpoint"] in (A, B)
+    assert "x-request-id" not in hdrs  # kept as sent
+
+
+@pytest.mark.parametrize(
+    ("messages", "status", "reason"),
+    [
+        ([request_headers(), request_body(b"{not json", True)], 400, "invalid_request_error"),
+        ([request_headers(), request_body(b'{"prompt": "x"}', True)], 400, "invalid_request_error"),
+        ([request_headers(), request_body(body_of("unknown"), True)], 404, "model_not_found"),
+        ([request_headers({"content-length": str(32 << 20)})], 413, "invalid_request_error"),
+        ([request_headers(), request_body(b"x" * 70_000, False)], 413, "invalid_request_error"),
+        ([request_headers(metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": []}}),
+          request_body(body_of(), True)], 503, "service_unavailable"),
+        ([request_headers(metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": "10.0.0.9"}}),
+          request_body(body_of(), True)], 503, "service_unavailable"),
+    ],
+    ids=["bad-json", "no-model", "unknown-model", "content-length-too-big", "body-too-big", "empty-subset",
+         "subset-no-match"],
+)
+async def test_rejections_are_immediate_json_errors_and_leak_nothing(
+    write_pool, start_app, client_for, messages, status, reason
+):
+    app = await start_app(write_pool([A, B], models=MODELS), max_body_bytes=65_536)
+    replies = await client_for(app).run(messages)
+    assert len(replies) == 1
+    imm = replies[0].immediate_response
+    assert imm.status.code == status
+    assert set_headers(replies[0])["content-type"] == "application/json"
+    err = orjson.loads(imm.body)["error"]
+    assert err["type"] == reason and err["code"] == status and err["message"]
+    await app.servicer.wait_idle()
+    assert app.datastore.total_inflight() == 0
+
+
+async def test_no_endpoints_gives_503(write_pool, start_app, client_for):
+    app = await start_app(write_pool([]))
+    replies = await client_for(app).run([request_headers(method="GET", end_of_stream=True)])
+    assert replies[0].immediate_response.status.code == 503
+
+
+@pytest.mark.parametrize("hint", [[B], f"{B}, 10.0.0.1:1", "127.0.0.1"], ids=["list", "comma-string", "ip-only"])
+async def test_subset_hint_restricts_candidates(write_pool, start_app, client_for, hint):
+    app = await start_app(write_pool([A, B]))
+    client = client_for(app)
+    seen = set()
+    for _ in range(10):
+        replies = await client.run([
+            request_headers(metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": hint}}),
+            request_body(body_of(), True),
+        ])
+        seen.add(set_headers(replies[0])["x-gateway-destination-endpoint"])
+    assert seen == ({A, B} if hint == "127.0.0.1" else {B})
+
+
+async def test_least_inflight_spreads_concurrent_requests(app, client):
+    calls = []
+    picked = []
+    for _ in range(4):
+        call = client.open()
+        await call.write(request_headers())
+        replies = await client.send(call, request_body(body_of(), True), 2)
+        picked.append(set_headers(replies[0])["x-gateway-destination-endpoint"])
+        calls.append(call)
+    assert sorted(picked) == sorted([A, A, B, B])
+    assert app.datastore.inflight(A) == 2 and app.datastore.inflight(B) == 2
+    for call in calls:
+        call.cancel()
+    await app.servicer.wait_idle()
+    assert app.datastore.total_inflight() == 0
+
+
+async def test_sse_usage_split_across_chunks_is_counted(app, client):
+    call = client.open()
+    await call.write(request_headers())
+    await client.send(call, request_body(body_of(stream=True, stream_options={"include_usage": True}), True), 2)
+    await client.send(call, response_headers(200, {"content-type": "text/event-stream"}), 1)
+    events = (
+        b'data: {"model":"m-target","choices":[{"text":"hi"}]}\n\n'
+        b'data: {"model":"m-target","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":7,'
+        b'"prompt_token_details":{"cached_tokens":2}}}\n\ndata: [DONE]\n\n'
+    )
+    out = b""
+    for i in range(0, len(events), 13):  # split events at awkward places
+        chunk = events[i : i + 13]
+        (r,) = await client.send(call, response_body(chunk, end_of_stream=False), 1)
+        out += r.response_body.response.body_mutation.streamed_response.body
+    (r,) = await client.send(call, response_body(b"", end_of_stream=True), 1)
+    out += r.response_body.response.body_mutation.streamed_response.body
+    assert out == events.replace(b'"model":"m-target"', b'"model":"m"')
+    await call.done_writing()
+    await call.read()
+    await app.servicer.wait_idle()
+    labels = {"model_name": "m", "target_model_name": "m-target"}
+    assert value(app, "inference_model_output_tokens_sum", labels) == 7
+
+
+async def test_response_chunks_pass_through_unchanged_without_rewrite(write_pool, start_app, client_for):
+    app = await start_app(write_pool([A]))
+    client = client_for(app)
+    call = client.open()
+    await call.write(request_headers())
+    await client.send(call, request_body(body_of(), True), 2)
+    await client.send(call, response_headers(200), 1)
+    for chunk, eos in ((b'{"model":"m",', False), (b'"x":1}', True)):
+        (r,) = await client.send(call, response_body(chunk, eos), 1)
+        assert r.response_body.response.body_mutation.streamed_response.body == chunk
+    await call.done_writing()
+    await call.read()
+
+
+@pytest.mark.parametrize("where", ["mid-body", "after-routing", "mid-response"])
+async def test_cancellation_never_leaks_inflight(app, client, where):
+    call = client.open()
+    await call.write(request_headers())
+    if where == "mid-body":
+        await call.write(request_body(b'{"model":', end_of_stream=False))
+    else:
+        await client.send(call, request_body(body_of(), True), 2)
+        assert app.datastore.total_inflight() == 1
+        if where == "mid-response":
+            await client.send(call, response_headers(200), 1)
+            await client.send(call, response_body(b"partial", False), 1)
+    call.cancel()
+    await asyncio.wait_for(app.servicer.wait_idle(), 5)
+    assert app.datastore.total_inflight() == 0
+    assert value(app, "inference_model_running_requests", {"model_name": "m"}) == 0
+
+
+async def test_served_endpoint_reported_by_envoy_takes_the_inflight_claim(app, client):
+    call = client.open()
+    await call.write(request_headers(metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": [A]}}))
+    replies = await client.send(call, request_body(body_of(), True), 2)
+    assert set_headers(replies[0])["x-gateway-destination-endpoint"] == A
+    assert app.datastore.inflight(A) == 1
+    await client.send(call, response_headers(200, served=B), 1)
+    assert app.datastore.inflight(A) == 0 and app.datastore.inflight(B) == 1
+    await client.send(call, response_body(b"{}", True), 1)
+    assert app.datastore.total_inflight() == 0
+    await call.done_writing()
+    await call.read()
+
+
+async def test_response_trailers_end_the_request(app, client):
+    replies = await client.run([
+        request_headers(), request_body(body_of(), True), response_headers(200),
+        response_body(b"{}", False), response_trailers(),
+    ])
+    assert replies[-1].WhichOneof("response") == "response_trailers"
+    assert app.datastore.total_inflight() == 0
+
+
+async def test_upstream_error_status_is_counted(app, client):
+    await client.run([request_headers(), request_body(body_of(), True), response_headers(500, end_of_stream=True)])
+    await app.servicer.wait_idle()
+    assert value(app, "inference_model_request_error_total",
+                 {"model_name": "m", "target_model_name": "m-target", "error_code": "500"}) == 1
+
+
+async def test_health_reports_serving_for_every_probe_name(app):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.health_port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "liveness", "readiness", "inference-extension",
+                     "envoy.service.ext_proc.v3.ExternalProcessor"):
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+async def test_reflection_lists_ext_proc(app):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+        async def one():
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        async for resp in stub.ServerReflectionInfo(one()):
+            names = {s.name for s in resp.list_services_response.service}
+            assert "envoy.service.ext_proc.v3.ExternalProcessor" in names
+            break
+
+
+async def test_pool_file_change_adds_and_removes_endpoints(write_pool, start_app, client_for):
+    path = write_pool([A])
+    app = await start_app(path)
+    assert [e.address for e in app.datastore.endpoints()] == [A]
+    write_pool([B])
+    app.pool_source.changed.clear()
+    await asyncio.wait_for(app.pool_source.changed.wait(), 5)
+    assert [e.address for e in app.datastore.endpoints()] == [B]
+    replies = await client_for(app).run([request_headers(method="GET", end_of_stream=True)])
+    assert set_headers(replies[0])["x-gateway-destination-endpoint"] == B
