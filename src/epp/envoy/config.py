@@ -1,0 +1,391 @@
+"""Render an Envoy 1.40 bootstrap that puts epp in front of one pool.
+
+The result is a plain ``dict`` (``dump_bootstrap`` turns it into YAML) with:
+
+* an admin listener on loopback, so ``/ready`` and ``/stats`` can be read;
+* one HTTP listener whose filter chain is ``ext_proc`` (to epp) → ``router``;
+* one route, ``/`` → the pool cluster, optionally mirrored to a shadow cluster;
+* three clusters: the pool, the shadow (only with ``PoolFile.mirror``) and ``epp``.
+
+Choices, each tested against Envoy 1.40 (see ``/work/shared/reference/envoy-wiring.md``):
+
+* **Body modes.**  ``full-duplex`` streams the request body to epp (FULL_DUPLEX_STREAMED);
+  Envoy then *requires* the trailer mode of that direction to be SEND, and arms no
+  per-message timer.  ``buffered`` sends the whole request body in one message and
+  streams the response (STREAMED) so SSE is not held back.  Its per-message timer
+  defaults to 200 ms, far too tight for a scheduler, so ``message_timeout`` is always
+  set to 300 s; the listener buffer is raised above ``max_body_bytes`` so Envoy does
+  not answer 413 before epp sees the body.
+* **How the pick reaches the upstream.**  ``override-host`` is a STATIC cluster of the
+  pool's endpoints with the ``override_host`` LB policy: the endpoint comes from
+  ``envoy.lb`` dynamic metadata, then from the ``x-gateway-destination-endpoint``
+  header, and round-robin is the fallback (so fail-open still routes somewhere).  The
+  host actually used is written back to ``envoy.lb`` under
+  ``x-gateway-destination-endpoint-served`` and forwarded to epp with the response
+  headers.  ``original-dst`` is what Envoy Gateway and GIE's test config use: any
+  address in the header is dialled, with no endpoint list and no fallback.
+* **Metadata.**  epp may write only ``envoy.lb`` (``receiving_namespaces``; without it
+  Envoy silently drops the metadata).  epp receives ``envoy.lb`` and
+  ``envoy.lb.subset_hint`` (``forwarding_namespaces``).
+* **Circuit breakers.**  Envoy allows 1024 concurrent requests per cluster by default;
+  every downstream request is also one ext_proc stream to ``epp``, so a load test
+  would see overflow 503s long before epp or the model servers are the limit.
+* **No SO_REUSEPORT** on the listener, so a port clash fails at start instead of
+  splitting traffic with another Envoy.
+* **TLS to epp** uses ALPN ``h2`` and no validation context, i.e. any certificate is
+  accepted, as Envoy AI Gateway does.
+
+Addresses are ``ip:port`` strings (IPv6 as ``[addr]:port``).  Pool endpoints must be IP
+literals with ``override-host``: a hostname would be resolved by Envoy and the picked
+``host:port`` would never match, silently falling back to round-robin.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import yaml
+
+from epp.config import PoolFile, PoolSpec
+from epp.errors import ConfigError
+
+BodyMode = Literal["full-duplex", "buffered"]
+LbMode = Literal["original-dst", "override-host"]
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+LB_NAMESPACE = "envoy.lb"
+SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
+EPP_CLUSTER = "epp"
+LISTENER_NAME = "gateway"
+
+_MIB = 1024 * 1024
+_MESSAGE_TIMEOUT = "300s"
+_GRPC_TIMEOUT = "10s"
+_CONNECT_TIMEOUT = "5s"
+_MAX_CONCURRENCY = 100_000
+_MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+_ACCESS_LOG_FORMAT = (
+    "[%START_TIME%] %REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL% %RESPONSE_CODE% %RESPONSE_FLAGS% "
+    "%RESPONSE_CODE_DETAILS% %DURATION%ms rid=%REQ(X-REQUEST-ID)% cluster=%UPSTREAM_CLUSTER% "
+    "host=%UPSTREAM_HOST% lbmd=%DYNAMIC_METADATA(envoy.lb)%\n"
+)
+
+_TYPE_PREFIX = "type.googleapis.com/envoy."
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def render_bootstrap(
+    pool_file: PoolFile,
+    *,
+    listen_port: int,
+    epp_address: str,
+    listen_address: str = "127.0.0.1",
+    body_mode: BodyMode = "full-duplex",
+    lb: LbMode = "override-host",
+    epp_tls: bool = False,
+    admin_port: int = 0,
+    access_log_path: str | None = None,
+    route_timeout_s: float = 300,
+    max_body_bytes: int = 16 * _MIB,
+) -> dict[str, Any]:
+    """Build the bootstrap dict for one listener in front of ``pool_file``'s pool.
+
+    ``admin_port=0`` binds any free port; start Envoy with ``--admin-address-path FILE``
+    and read the bound ``ip:port`` from FILE (``EnvoyProcess`` does this).
+    """
+    pool = pool_file.pool
+    pool_cluster = cluster_name(pool.name)
+    shadow_cluster = cluster_name(pool_file.mirror.name) if pool_file.mirror is not None else None
+    _check_distinct([pool_cluster, shadow_cluster, EPP_CLUSTER])
+
+    clusters = [_pool_cluster(pool, pool_cluster, lb)]
+    if pool_file.mirror is not None and shadow_cluster is not None:
+        clusters.append(_shadow_cluster(pool_file.mirror, shadow_cluster))
+    clusters.append(_epp_cluster(epp_address, epp_tls))
+
+    hcm = {
+        "@type": _type("extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"),
+        "stat_prefix": LISTENER_NAME,
+        "access_log": [_access_log(access_log_path or "/dev/stdout")],
+        "route_config": _route_config(pool_cluster, shadow_cluster, route_timeout_s),
+        "http_filters": [
+            _ext_proc_filter(body_mode, fail_open=pool.failure_mode == "FailOpen"),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": _type("extensions.filters.http.router.v3.Router")},
+            },
+        ],
+    }
+    listener: dict[str, Any] = {
+        "name": LISTENER_NAME,
+        "address": _socket_address(listen_address, listen_port),
+        # Envoy defaults to SO_REUSEPORT, so a second Envoy (e.g. a stale one) would silently
+        # share a fixed port and get part of the traffic; fail with "Address already in use".
+        "enable_reuse_port": False,
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+    if body_mode == "buffered":
+        # The stream's decoder buffer limit comes from the listener; past it Envoy sends 413.
+        listener["per_connection_buffer_limit_bytes"] = max_body_bytes + _MIB
+
+    return {
+        "admin": {"address": _socket_address("127.0.0.1", admin_port)},
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+        "overload_manager": _overload_manager(),
+    }
+
+
+def dump_bootstrap(bootstrap: dict[str, Any]) -> str:
+    """Serialise a bootstrap dict to YAML, keeping the rendered key order."""
+    return yaml.safe_dump(bootstrap, sort_keys=False)
+
+
+def cluster_name(pool_name: str) -> str:
+    """The Envoy cluster name for a pool: its name with characters outside ``[A-Za-z0-9_.-]`` → ``_``."""
+    return _UNSAFE_NAME_CHARS.sub("_", pool_name)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Split ``ip:port`` / ``[v6]:port`` / ``host:port`` into host (no brackets) and port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{address!r} is not host:port")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_distinct(names: Sequence[str | None]) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name is None:
+            continue
+        if name in seen:
+            raise ConfigError(f"Envoy cluster name {name!r} is used twice (pool, mirror and {EPP_CLUSTER!r})")
+        seen.add(name)
+
+
+def _type(suffix: str) -> str:
+    return _TYPE_PREFIX + suffix
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 0:
+        raise ConfigError(f"negative duration {seconds}")
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{seconds:.9f}".rstrip("0") + "s"
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _overload_manager() -> dict[str, Any]:
+    # Without a downstream connection limit Envoy 1.40 logs a warning at every start.
+    return {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": _type(
+                        "extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
+                    ),
+                    "max_active_downstream_connections": _MAX_DOWNSTREAM_CONNECTIONS,
+                },
+            }
+        ]
+    }
+
+
+def _access_log(path: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": _type("extensions.access_loggers.file.v3.FileAccessLog"),
+            "path": path,
+            "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
+        },
+    }
+
+
+def _processing_mode(body_mode: BodyMode) -> dict[str, str]:
+    if body_mode == "full-duplex":
+        # Envoy rejects FULL_DUPLEX_STREAMED unless that direction's trailers are sent too.
+        return {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "response_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SEND",
+            "response_trailer_mode": "SEND",
+        }
+    return {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": "BUFFERED",
+        "response_body_mode": "STREAMED",  # SSE chunks reach the client as they come
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+
+
+def _ext_proc_filter(body_mode: BodyMode, *, fail_open: bool) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": _type("extensions.filters.http.ext_proc.v3.ExternalProcessor"),
+            "grpc_service": {"envoy_grpc": {"cluster_name": EPP_CLUSTER}, "timeout": _GRPC_TIMEOUT},
+            # Only honoured before body data arrives in FULL_DUPLEX_STREAMED (ext_proc.cc).
+            "failure_mode_allow": fail_open,
+            # Not armed in FULL_DUPLEX_STREAMED; in BUFFERED it replaces the 200 ms default.
+            "message_timeout": _MESSAGE_TIMEOUT,
+            "processing_mode": _processing_mode(body_mode),
+            "metadata_options": {
+                "forwarding_namespaces": {"untyped": [LB_NAMESPACE, SUBSET_HINT_NAMESPACE]},
+                "receiving_namespaces": {"untyped": [LB_NAMESPACE]},
+            },
+        },
+    }
+
+
+def _route_config(pool_cluster: str, shadow_cluster: str | None, timeout_s: float) -> dict[str, Any]:
+    route: dict[str, Any] = {"cluster": pool_cluster, "timeout": _duration(timeout_s)}
+    if shadow_cluster is not None:
+        route["request_mirror_policies"] = [
+            {
+                "cluster": shadow_cluster,
+                "runtime_fraction": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+            }
+        ]
+    return {
+        "name": "local",
+        "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}],
+    }
+
+
+def _circuit_breakers() -> dict[str, Any]:
+    limit = _MAX_CONCURRENCY
+    return {"thresholds": [{"max_connections": limit, "max_pending_requests": limit, "max_requests": limit}]}
+
+
+def _load_assignment(name: str, addresses: Sequence[str]) -> dict[str, Any]:
+    lb_endpoints = []
+    for address in addresses:
+        host, port = split_address(address)
+        lb_endpoints.append({"endpoint": {"address": _socket_address(host, port)}})
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb_endpoints}]}
+
+
+def _static_or_dns(addresses: Sequence[str]) -> str:
+    return "STATIC" if all(_is_ip(split_address(a)[0]) for a in addresses) else "STRICT_DNS"
+
+
+def _pool_cluster(pool: PoolSpec, name: str, lb: LbMode) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": _CONNECT_TIMEOUT,
+        "circuit_breakers": _circuit_breakers(),
+    }
+    if lb == "original-dst":
+        return base | {
+            "type": "ORIGINAL_DST",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "original_dst_lb_config": {"use_http_header": True, "http_header_name": DESTINATION_HEADER},
+        }
+    addresses = [e.address for e in pool.endpoint_list()]
+    for address in addresses:
+        if not _is_ip(split_address(address)[0]):
+            raise ConfigError(f"pool {pool.name}: endpoint {address} is not ip:port; override-host needs IP addresses")
+    return base | {
+        "type": "STATIC",
+        "load_balancing_policy": _override_host_policy(),
+        "load_assignment": _load_assignment(name, addresses),
+    }
+
+
+def _override_host_policy() -> dict[str, Any]:
+    return {
+        "policies": [
+            {
+                "typed_extension_config": {
+                    "name": "envoy.load_balancing_policies.override_host",
+                    "typed_config": {
+                        "@type": _type("extensions.load_balancing_policies.override_host.v3.OverrideHost"),
+                        "override_host_sources": [
+                            {"metadata": {"key": LB_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}},
+                            {"header": DESTINATION_HEADER},
+                        ],
+                        # Not in xds-protos 1.85's descriptor, but Envoy 1.40 accepts and applies it.
+                        "selected_host_key": {"key": LB_NAMESPACE, "path": [{"key": SERVED_KEY}]},
+                        "fallback_policy": {
+                            "policies": [
+                                {
+                                    "typed_extension_config": {
+                                        "name": "envoy.load_balancing_policies.round_robin",
+                                        "typed_config": {
+                                            "@type": _type(
+                                                "extensions.load_balancing_policies.round_robin.v3.RoundRobin"
+                                            )
+                                        },
+                                    }
+                                }
+                            ]
+                        },
+                    },
+                }
+            }
+        ]
+    }
+
+
+def _shadow_cluster(mirror: PoolSpec, name: str) -> dict[str, Any]:
+    addresses = [e.address for e in mirror.endpoint_list()]
+    return {
+        "name": name,
+        "type": _static_or_dns(addresses),
+        "connect_timeout": _CONNECT_TIMEOUT,
+        "lb_policy": "ROUND_ROBIN",
+        "circuit_breakers": _circuit_breakers(),
+        "load_assignment": _load_assignment(name, addresses),
+    }
+
+
+def _epp_cluster(epp_address: str, tls: bool) -> dict[str, Any]:
+    host, _ = split_address(epp_address)
+    cluster: dict[str, Any] = {
+        "name": EPP_CLUSTER,
+        "type": _static_or_dns([epp_address]),
+        "connect_timeout": _CONNECT_TIMEOUT,
+        "circuit_breakers": _circuit_breakers(),
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _type("extensions.upstreams.http.v3.HttpProtocolOptions"),
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": _load_assignment(EPP_CLUSTER, [epp_address]),
+    }
+    if tls:
+        tls_context: dict[str, Any] = {
+            "@type": _type("extensions.transport_sockets.tls.v3.UpstreamTlsContext"),
+            # No validation_context: any server certificate is accepted.
+            "common_tls_context": {"alpn_protocols": ["h2"]},
+        }
+        if not _is_ip(host):
+            tls_context["sni"] = host
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls_context}
+    return cluster

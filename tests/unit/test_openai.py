@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from epp.errors import BadRequest
+from epp.openai import ModelNameRestorer, UsageParser, parse_inference_request, rewrite_model
+
+
+def parse(doc: object, path: str = "/v1/completions"):
+    return parse_inference_request(orjson.dumps(doc), {}, path=path, request_id="r1")[0]
+
+
+def test_completion_fields():
+    r = parse({"model": "m", "prompt": "abcdefgh", "max_tokens": 9, "stream": True,
+               "stream_options": {"include_usage": True}})
+    assert (r.model, r.prompt, r.prompt_tokens, r.max_tokens, r.stream, r.include_usage) == (
+        "m", "abcdefgh", 2, 9, True, True)
+
+
+def test_chat_messages_text_including_parts():
+    r = parse({"model": "m", "max_completion_tokens": 100, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "introduce yourself"}, {"type": "image_url"}]},
+    ]}, "/v1/chat/completions")
+    assert "be brief" in r.prompt and "introduce yourself" in r.prompt and r.max_tokens == 100
+    assert not r.stream and not r.include_usage
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "match"),
+    [
+        (b"{oops", "/v1/completions", "not valid JSON"),
+        (b"[1]", "/v1/completions", "JSON object"),
+        (b'{"prompt": "x"}', "/v1/completions", "model"),
+        (b'{"model": 3, "prompt": "x"}', "/v1/completions", "model"),
+        (b'{"model": "m"}', "/v1/completions", "prompt"),
+        (b'{"model": "m", "messages": []}', "/v1/chat/completions", "messages"),
+    ],
+)
+def test_bad_requests(body, path, match):
+    with pytest.raises(BadRequest, match=match):
+        parse_inference_request(body, {}, path=path)
+
+
+def test_other_paths_need_only_a_model():
+    assert parse({"model": "m", "input": "x"}, "/v1/embeddings").model == "m"
+
+
+def test_rewrite_model_keeps_other_fields():
+    out = orjson.loads(rewrite_model({"model": "a", "prompt": "p", "n": 1}, "b"))
+    assert out == {"model": "b", "prompt": "p", "n": 1}
+
+
+def test_usage_from_json_body_in_pieces():
+    p = UsageParser(sse=False)
+    doc = orjson.dumps({"usage": {"prompt_tokens": 11, "completion_tokens": 22,
+                                  "prompt_tokens_details": {"cached_tokens": 5}}})
+    p.feed(doc[:7])
+    p.feed(doc[7:])
+    u = p.finish()
+    assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (11, 22, 5)
+
+
+@pytest.mark.parametrize("step", [1, 3, 17, 1000])
+def test_usage_from_sse_split_anywhere(step):
+    stream = (
+        b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,'
+        b'"prompt_token_details":{"cached_tokens":1}}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    p = UsageParser(sse=True)
+    for i in range(0, len(stream), step):
+        p.feed(stream[i : i + step])
+    u = p.finish()
+    assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (3, 4, 1)
+    assert p.events == 3
+
+
+def test_usage_absent_and_garbage_are_none():
+    p = UsageParser(sse=True)
+    p.feed(b"data: {nope}\n\ndata: [DONE]\n\n")
+    assert p.finish() is None
+    q = UsageParser(sse=False, max_bytes=10)
+    q.feed(b'{"usage": {"prompt_tokens": 1}}')
+    assert q.finish() is None  # over the cap: no usage, no unbounded buffer
+
+
+def test_responses_api_usage():
+    p = UsageParser(sse=True)
+    p.feed(b'data: {"type":"response.completed","response":{"usage":{"input_tokens":2,"output_tokens":3}}}\n\n')
+    u = p.finish()
+    assert u is not None and (u.prompt_tokens, u.completion_tokens) == (2, 3)
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 9, 1000])
+def test_restorer_handles_matches_split_across_chunks(step):
+    data = b'data: {"model":"target-x","a":1}\n\ndata: {"model": "target-x"}\n\n{"model":"other"}'
+    r = ModelNameRestorer("target-x", "client")
+    chunks = [data[i : i + step] for i in range(0, len(data), step)]
+    out = b"".join(r.feed(c, i == len(chunks) - 1) for i, c in enumerate(chunks))
+    assert out == data.replace(b'"target-x"', b'"client"')

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import math
+import random
+
+import orjson
+import pytest
+
+from epp.datalayer import Datastore
+from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, TargetModel
+from epp.errors import ModelNotFound, NoEndpoints
+from epp.routing import Router, choose_target, filter_subset, parse_subset
+from epp.scheduling import LeastInflightScheduler
+
+EPS = [Endpoint("10.0.0.1:8000", "a"), Endpoint("10.0.0.1:8001", "b"), Endpoint("10.0.0.2:8000", "c")]
+
+
+def req(model: str = "m", **kw: object) -> InferenceRequest:
+    return InferenceRequest(request_id="r", model=model, target_model=model, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("hint", "expected"),
+    [
+        (None, ["a", "b", "c"]),
+        ([], []),
+        (["10.0.0.1"], ["a", "b"]),
+        (["10.0.0.1:8001"], ["b"]),
+        ("10.0.0.2:8000, 10.0.0.1:8000", ["a", "c"]),
+        (["10.9.9.9"], []),
+        ([1, "10.0.0.2"], ["c"]),
+        (42, []),
+    ],
+    ids=["absent", "empty", "ip", "ip-port", "comma-string", "no-match", "non-strings-skipped", "wrong-type"],
+)
+def test_subset_hint(hint, expected):
+    assert [e.name for e in filter_subset(EPS, parse_subset(hint))] == expected
+
+
+def test_weighted_target_split_is_within_4_5_sigma():
+    rng = random.Random(1)
+    targets = (TargetModel("x", 30), TargetModel("y", 70))
+    n = 1000
+    xs = sum(choose_target(targets, rng) == "x" for _ in range(n))
+    sigma = math.sqrt(n * 0.3 * 0.7)
+    assert abs(xs - 300) <= 4.5 * sigma
+
+
+def test_zero_weights_are_uniform_and_no_targets_is_none():
+    rng = random.Random(2)
+    picks = {choose_target((TargetModel("x", 0), TargetModel("y", 0)), rng) for _ in range(50)}
+    assert picks == {"x", "y"} and choose_target((), rng) is None
+
+
+def make_router(policies=None, endpoints=EPS):
+    store = Datastore("p")
+    store.set_pool(endpoints, policies=policies)
+    return Router(store, LeastInflightScheduler(store, random.Random(3)), max_fallbacks=1), store
+
+
+def test_model_policy_rewrites_body_and_sets_criticality():
+    router, _ = make_router({"m": ModelPolicy("m", Criticality.CRITICAL, (TargetModel("t", 1),))})
+    pick = router.route(req(), {"model": "m", "prompt": "x"})
+    assert pick.target_model == "t" and orjson.loads(pick.body or b"")["model"] == "t"
+    assert len(pick.endpoints) == 2  # primary + one fallback
+
+
+def test_unknown_model_404_only_when_models_are_declared():
+    router, _ = make_router({"m": ModelPolicy("m")})
+    with pytest.raises(ModelNotFound):
+        router.route(req("other"), {"model": "other"})
+    open_router, _ = make_router(None)
+    assert open_router.route(req("other"), {"model": "other"}).body is None
+
+
+def test_rewrite_header_wins():
+    router, _ = make_router(None)
+    pick = router.route(req(headers={"x-gateway-model-name-rewrite": "lora-x"}), {"model": "m"})
+    assert pick.target_model == "lora-x" and orjson.loads(pick.body or b"")["model"] == "lora-x"
+
+
+def test_no_endpoints():
+    router, _ = make_router(None, endpoints=[])
+    with pytest.raises(NoEndpoints):
+        router.route(req(), {"model": "m"})
+
+
+def test_least_inflight_prefers_idle_endpoints():
+    router, store = make_router(None)
+    store.acquire(EPS[0])
+    store.acquire(EPS[1])
+    assert router.route(req(), {"model": "m"}).primary.name == "c"
