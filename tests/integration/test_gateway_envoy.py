@@ -1,0 +1,300 @@
+"""Real Envoy + epp (in-process, real gRPC) + plain HTTP upstreams, all on 127.0.0.1.
+
+Covers the core acceptance: routing in both body modes and both cluster kinds, the
+(rewritten) body upstream, SSE pass-through with usage, body-less GETs, rejections
+through Envoy, epp down (fail-open / fail-close), TLS to epp, and the served-endpoint
+feedback when Envoy falls back to another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from upstreams import Upstream
+
+from conftest import make_settings
+from epp.app import App
+from epp.config import load_pool_file
+from epp.envoy.config import render_bootstrap
+from epp.envoy.process import EnvoyProcess
+
+MODELS = [{"modelName": "m", "criticality": "Critical", "targetModels": [{"name": "m-target", "weight": 100}]}]
+COMPLETION = {"model": "m", "prompt": "Say hello", "max_tokens": 3}
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: App
+    envoy: EnvoyProcess
+    upstreams: list[Upstream]
+    http: aiohttp.ClientSession
+    shadow: Upstream | None = None
+    extra: list[Any] = field(default_factory=list)
+
+    def by_address(self, address: str) -> Upstream:
+        return next(u for u in self.upstreams if u.address == address)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        v = self.app.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v
+
+    async def post(self, doc: Any = None, *, data: bytes | None = None, path: str = "/v1/completions",
+                   headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        payload = data if data is not None else orjson.dumps(doc)
+        async with self.http.post(self.url + path, data=payload,
+                                  headers={"content-type": "application/json", **(headers or {})}) as r:
+            return r.status, dict(r.headers), await r.read()
+
+
+def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Gateway] = []
+
+    async def start(
+        *, n: int = 2, body_mode: str = "full-duplex", lb: str = "override-host", tls: bool = False,
+        failure_mode: str = "FailClose", models: list[dict[str, Any]] | None = MODELS, mirror: bool = False,
+        epp_extra_endpoints: tuple[str, ...] = (), envoy_endpoints: list[int] | None = None,
+        mutate: Callable[[dict[str, Any]], None] | None = None, **settings: Any,
+    ) -> Gateway:
+        ups = [await Upstream(f"pod-{i}").start() for i in range(n)]
+        shadow = await Upstream("shadow").start() if mirror else None
+        pool: dict[str, Any] = {"name": "test-pool", "failureMode": failure_mode,
+                                "endpoints": [u.address for u in ups] + list(epp_extra_endpoints)}
+        doc: dict[str, Any] = {"pool": pool}
+        if models is not None:
+            doc["models"] = models
+        if shadow is not None:
+            doc["mirror"] = {"name": "test-shadow", "endpoints": [shadow.address]}
+        epp_pool = write_yaml(tmp_path / f"epp-{len(started)}.yaml", doc)
+        app = App(make_settings(epp_pool, secure_serving=tls, **settings), registry=CollectorRegistry(),
+                  rng=random.Random(11))
+        await app.start()
+        envoy_doc = {**doc, "pool": {**pool, "endpoints": [ups[i].address for i in (envoy_endpoints or range(n))]}}
+        envoy_pool = write_yaml(tmp_path / f"envoy-{len(started)}.yaml", envoy_doc)
+        config = render_bootstrap(
+            load_pool_file(envoy_pool), listen_port=0, epp_address=f"127.0.0.1:{app.grpc_port}",
+            body_mode=body_mode, lb=lb, epp_tls=tls,  # type: ignore[arg-type]
+        )
+        if mutate is not None:
+            mutate(config)
+        envoy = EnvoyProcess(config)
+        await envoy.start()
+        url = "http://" + await envoy.listener_address()
+        gw = Gateway(url, app, envoy, ups, aiohttp.ClientSession(), shadow)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        await gw.http.close()
+        await gw.envoy.aclose()
+        await gw.app.aclose()
+        for u in [*gw.upstreams, *([gw.shadow] if gw.shadow else [])]:
+            await u.aclose()
+
+
+MODES = [("full-duplex", "override-host"), ("full-duplex", "original-dst"),
+         ("buffered", "override-host"), ("buffered", "original-dst")]
+
+
+@pytest.mark.parametrize(("body_mode", "lb"), MODES, ids=[f"{b}-{lb}" for b, lb in MODES])
+async def test_requests_land_on_the_endpoint_epp_chose_with_the_rewritten_body(gateway, body_mode, lb):
+    gw = await gateway(body_mode=body_mode, lb=lb)
+    served = []
+    for i in range(6):
+        status, headers, body = await gw.post({**COMPLETION, "prompt": f"hello {i}"})
+        assert status == 200, body
+        upstream = next(u for u in gw.upstreams if u.name == headers["x-served-by"])
+        seen = upstream.seen[-1]
+        assert seen.headers["x-gateway-destination-endpoint"] == upstream.address  # epp's choice was honoured
+        sent = orjson.loads(seen.body)
+        assert sent["model"] == "m-target" and sent["prompt"] == f"hello {i}"
+        if body_mode == "buffered":
+            assert int(seen.headers["content-length"]) == len(seen.body)
+        elif "content-length" in seen.headers:
+            assert int(seen.headers["content-length"]) == len(seen.body)
+        assert orjson.loads(body)["model"] == "m"  # client-facing name restored
+        served.append(upstream.name)
+    assert set(served) == {"pod-0", "pod-1"}  # least-in-flight with random ties uses both
+    assert gw.app.datastore.total_inflight() == 0
+    labels = {"model_name": "m", "target_model_name": "m-target"}
+    assert gw.value("inference_model_request_total", labels) == 6
+    assert gw.value("inference_model_output_tokens_sum", labels) == 18
+
+
+@pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
+async def test_sse_stream_reaches_the_client_intact_and_usage_is_counted(gateway, body_mode):
+    gw = await gateway(body_mode=body_mode)
+    doc = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
+    status, headers, body = await gw.post(doc)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    texts = [orjson.loads(e[6:]) for e in events[:-1]]
+    assert "".join(t["choices"][0]["text"] for t in texts[:3]) == f"Hello from {headers['x-served-by']}"
+    assert all(t["model"] == "m" for t in texts)
+    labels = {"model_name": "m", "target_model_name": "m-target"}
+    assert gw.value("inference_model_output_tokens_sum", labels) == 3
+    assert gw.value("inference_model_input_tokens_sum", labels) == 7
+    assert gw.app.datastore.total_inflight() == 0
+
+
+@pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
+async def test_bodyless_get_is_routed(gateway, body_mode):
+    gw = await gateway(body_mode=body_mode, lb="original-dst")
+    async with gw.http.get(gw.url + "/v1/models", headers={"x-request-id": "req-42"}) as r:
+        assert r.status == 200
+        name = (await r.json())["served_by"]
+    upstream = next(u for u in gw.upstreams if u.name == name)
+    assert upstream.seen[-1].headers["x-gateway-destination-endpoint"] == upstream.address
+    assert upstream.seen[-1].headers.get("x-request-id") == "req-42", upstream.seen[-1].headers
+    assert gw.app.datastore.total_inflight() == 0
+
+
+@pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
+async def test_bad_inputs_get_their_status_and_json_body_through_envoy(gateway, tmp_path, body_mode):
+    gw = await gateway(body_mode=body_mode, max_body_bytes=4096)
+    cases = [
+        (b"{not json", 400),
+        (orjson.dumps({"prompt": "no model"}), 400),
+        (orjson.dumps({**COMPLETION, "model": "unknown"}), 404),
+        (orjson.dumps({**COMPLETION, "prompt": "x" * 10_000}), 413),
+    ]
+    for data, expected in cases:
+        status, headers, body = await gw.post(data=data)
+        assert status == expected, (expected, body)
+        assert headers["Content-Type"] == "application/json"
+        err = orjson.loads(body)["error"]
+        assert err["code"] == expected and err["message"]
+    assert all(not u.seen for u in gw.upstreams)
+    # empty the pool while serving: no ready endpoint → 503
+    gw.app.pool_source.changed.clear()
+    write_yaml(Path(gw.app.settings.pool_file), {"pool": {"name": "test-pool", "endpoints": []}})
+    await asyncio.wait_for(gw.app.pool_source.changed.wait(), 10)
+    status, _, body = await gw.post(COMPLETION)
+    assert status == 503 and orjson.loads(body)["error"]["code"] == 503
+    await gw.app.servicer.wait_idle()
+    assert gw.app.datastore.total_inflight() == 0
+    assert gw.value("inference_model_running_requests", {"model_name": "m"}) == 0
+    status, _, _ = await gw.post(data=b"[]")  # and epp still serves
+    assert status == 400
+
+
+async def test_epp_down_fail_close_answers_5xx(gateway):
+    gw = await gateway(failure_mode="FailClose")
+    assert (await gw.post(COMPLETION))[0] == 200
+    await gw.app.aclose()
+    status, _, _ = await gw.post(COMPLETION)
+    assert 500 <= status < 600
+
+
+async def test_epp_down_fail_open_buffered_override_host_still_serves(gateway):
+    gw = await gateway(failure_mode="FailOpen", body_mode="buffered", lb="override-host")
+    await gw.app.aclose()
+    served = set()
+    for _ in range(4):
+        status, headers, _ = await gw.post(COMPLETION)
+        assert status == 200
+        served.add(headers["x-served-by"])
+    assert served == {"pod-0", "pod-1"}  # Envoy's round-robin fallback
+    assert all("x-gateway-destination-endpoint" not in u.seen[-1].headers for u in gw.upstreams)
+
+
+async def test_epp_down_fail_open_full_duplex_cannot_fail_open_once_a_body_arrived(gateway):
+    """Envoy ignores failure_mode_allow in FULL_DUPLEX_STREAMED once body data arrived
+    (ext_proc.cc failureModeAllow()); body-less requests still fail open."""
+    gw = await gateway(failure_mode="FailOpen", body_mode="full-duplex", lb="override-host")
+    await gw.app.aclose()
+    status, _, _ = await gw.post(COMPLETION)
+    assert status == 500
+    async with gw.http.get(gw.url + "/v1/models") as r:
+        assert r.status == 200
+
+
+async def test_tls_to_epp_with_a_self_signed_certificate(gateway):
+    gw = await gateway(tls=True)
+    status, headers, _ = await gw.post(COMPLETION)
+    assert status == 200
+    assert gw.by_address(gw.upstreams[0].address) is not None and headers["x-served-by"] in ("pod-0", "pod-1")
+    assert gw.value("inference_model_request_total", {"model_name": "m", "target_model_name": "m-target"}) == 1
+
+
+def _subset_hint_filter(addresses: list[str]) -> Callable[[dict[str, Any]], None]:
+    """Insert a set_metadata filter before ext_proc that writes a subset hint."""
+
+    def mutate(config: dict[str, Any]) -> None:
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["http_filters"].insert(0, {
+            "name": "envoy.filters.http.set_metadata",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+                "metadata": [{"metadata_namespace": "envoy.lb.subset_hint",
+                              "value": {"x-gateway-destination-endpoint-subset": addresses}}],
+            },
+        })
+
+    return mutate
+
+
+async def test_served_endpoint_is_the_one_epp_accounts_when_envoy_falls_back(gateway):
+    # epp knows pod-0 and an endpoint Envoy's cluster lacks; the hint forces epp to pick the latter,
+    # override_host falls back to round-robin (pod-0) and reports it as served.
+    ghost = "127.0.0.1:9"
+    hold = asyncio.Event()
+    gw = await gateway(n=1, epp_extra_endpoints=(ghost,), mutate=_subset_hint_filter([ghost]))
+    gw.upstreams[0].hold = hold
+    task = asyncio.create_task(gw.post(COMPLETION))
+    await asyncio.wait_for(gw.upstreams[0].arrived.wait(), 10)
+    assert gw.upstreams[0].seen[-1].headers["x-gateway-destination-endpoint"] == ghost
+    # the served endpoint arrives with the response headers: release the upstream and wait for them
+    hold.set()
+    status, headers, _ = await asyncio.wait_for(task, 10)
+    assert status == 200 and headers["x-served-by"] == "pod-0"
+    await gw.app.servicer.wait_idle()
+    assert gw.app.datastore.total_inflight() == 0
+
+
+async def test_served_endpoint_moves_the_inflight_claim_during_a_stream(gateway):
+    ghost = "127.0.0.1:9"
+    gw = await gateway(n=1, epp_extra_endpoints=(ghost,), mutate=_subset_hint_filter([ghost]))
+    pod = gw.upstreams[0]
+    doc = {**COMPLETION, "stream": True}
+    async with gw.http.post(gw.url + "/v1/completions", data=orjson.dumps(doc)) as r:
+        assert r.status == 200
+        # response headers have passed epp: the claim sits on the endpoint Envoy used
+        assert gw.app.datastore.inflight(pod.address) == 1
+        assert gw.app.datastore.inflight(ghost) == 0
+        await r.read()
+    await gw.app.servicer.wait_idle()
+    assert gw.app.datastore.total_inflight() == 0
+
+
+async def test_mirror_gets_a_copy_and_the_client_only_sees_the_primary(gateway):
+    gw = await gateway(mirror=True)
+    assert gw.shadow is not None
+    gw.shadow.status = 500
+    for _ in range(3):
+        status, headers, _ = await gw.post(COMPLETION)
+        assert status == 200 and headers["x-served-by"].startswith("pod-")
+    while len(gw.shadow.seen) < 3:  # mirrored requests are fire-and-forget: wait for each arrival
+        gw.shadow.arrived.clear()
+        await asyncio.wait_for(gw.shadow.arrived.wait(), 10)
+    assert len(gw.shadow.seen) == 3
+    assert all(s.headers["host"].split(":")[0].endswith("-shadow") for s in gw.shadow.seen)
+    assert all(orjson.loads(s.body)["model"] == "m-target" for s in gw.shadow.seen)

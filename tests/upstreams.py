@@ -1,0 +1,78 @@
+"""Plain HTTP model-server stand-ins for gateway tests: record what arrives, answer
+OpenAI-shaped JSON or SSE, optionally hold the response until the test releases it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    name: str
+    status: int = 200
+    hold: asyncio.Event | None = None
+    seen: list[Seen] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> Upstream:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.path, {k.lower(): v for k, v in request.headers.items()}, body))
+        self.arrived.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        headers = {"x-served-by": self.name}
+        if request.method == "GET":
+            return web.json_response({"object": "list", "data": [], "served_by": self.name}, headers=headers)
+        doc = orjson.loads(body) if body else {}
+        model = doc.get("model", "")
+        if self.status != 200:
+            return web.json_response({"error": {"message": "upstream failure"}}, status=self.status, headers=headers)
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        if doc.get("stream"):
+            resp = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for word in ("Hello", " from", f" {self.name}"):
+                chunk = {"model": model, "choices": [{"index": 0, "text": word}]}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await resp.write(b"data: " + orjson.dumps({"model": model, "choices": [], "usage": usage}) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        return web.json_response(
+            {"id": "cmpl-1", "object": "text_completion", "model": model,
+             "choices": [{"index": 0, "text": f"Hello from {self.name}"}], "usage": usage},
+            headers=headers,
+        )
