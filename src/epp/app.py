@@ -40,6 +40,9 @@ class App:
             settings.pool_file, self.datastore, interval=settings.pool_file_poll_interval
         )
         self.pool_file: PoolFile = self.pool_source.load()
+        if settings.config_file:
+            log.warning("--config-file %s ignored: scheduling profiles are not implemented yet "
+                        "(placeholder picker: fewest in-flight requests)", settings.config_file)
         self.scheduler = LeastInflightScheduler(self.datastore, rng)
         self.router = Router(
             self.datastore,

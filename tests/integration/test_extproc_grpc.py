@@ -318,3 +318,27 @@ async def test_pool_file_change_adds_and_removes_endpoints(write_pool, start_app
     assert [e.address for e in app.datastore.endpoints()] == [B]
     replies = await client_for(app).run([request_headers(method="GET", end_of_stream=True)])
     assert set_headers(replies[0])["x-gateway-destination-endpoint"] == B
+
+
+async def test_metrics_endpoint_exports_the_reference_names(app, client):
+    import aiohttp
+
+    await client.run([request_headers(), request_body(body_of(), True), response_headers(200),
+                      response_body(orjson.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 2}}), True)])
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{app.metrics_port}/metrics") as r:
+        text = await r.text()
+    for name in ("inference_model_request_total", "inference_model_request_error_total",
+                 "inference_model_request_duration_seconds_bucket", "inference_model_input_tokens_bucket",
+                 "inference_model_output_tokens_bucket", "inference_model_running_requests",
+                 "inference_pool_ready_pods", "inference_extension_scheduler_e2e_duration_seconds_bucket"):
+        assert name in text, name
+    assert 'inference_pool_ready_pods{name="test-pool"} 2.0' in text
+    assert 'inference_model_request_total{model_name="m",target_model_name="m-target"} 1.0' in text
+
+
+async def test_request_id_is_generated_when_absent_and_kept_when_present(app, client):
+    (r,) = await client.run([request_headers(method="GET", end_of_stream=True)])
+    generated = set_headers(r)["x-request-id"]
+    assert len(generated) == 36 and generated.count("-") == 4
+    (r,) = await client.run([request_headers({"x-request-id": "mine"}, method="GET", end_of_stream=True)])
+    assert "x-request-id" not in set_headers(r)
