@@ -91,17 +91,17 @@ class Router:
     def resolve_model(self, request: InferenceRequest) -> InferenceRequest:
         """Apply the model policy: 404 for unknown models, criticality, target model."""
         policies = self._pool.policies()
-        target = request.model
+        target, criticality = request.model, request.criticality
         if policies is not None:
             policy = policies.get(request.model)
             if policy is None:
                 raise ModelNotFound(f"model {request.model!r} is not served by this pool")
             target = choose_target(policy.targets, self._rng) or request.model
-            request = dataclasses.replace(request, criticality=policy.criticality)
-        override = request.headers.get(MODEL_REWRITE_HEADER)
-        if override:
-            target = override
-        return dataclasses.replace(request, target_model=target)
+            criticality = policy.criticality
+        target = request.headers.get(MODEL_REWRITE_HEADER) or target
+        if target == request.target_model and criticality is request.criticality:
+            return request
+        return dataclasses.replace(request, target_model=target, criticality=criticality)
 
     def route(self, request: InferenceRequest, doc: dict[str, Any] | None = None) -> Pick:
         """Pick endpoints for a parsed request; rewrite the body if the target model differs."""

@@ -11,15 +11,8 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from epp.domain import Endpoint, EndpointMetrics, ModelPolicy
-
-
-@dataclass(slots=True)
-class _Load:
-    requests: int = 0
-    tokens: int = 0
 
 
 class InflightTicket:
@@ -60,7 +53,8 @@ class Datastore:
         self._mirror: tuple[Endpoint, ...] = ()
         self._by_address: dict[str, Endpoint] = {}
         self._metrics: dict[str, EndpointMetrics] = {}
-        self._load: dict[str, _Load] = {}
+        self._requests: dict[str, int] = {}  # only endpoints with requests in flight
+        self._tokens: dict[str, int] = {}
         self._policies: Mapping[str, ModelPolicy] | None = None
         self.synced = False
         self._listeners: list[Callable[[], None]] = []
@@ -118,26 +112,27 @@ class Datastore:
         return InflightTicket(self, endpoint.address, tokens)
 
     def inflight(self, address: str) -> int:
-        load = self._load.get(address)
-        return load.requests if load else 0
+        return self._requests.get(address, 0)
+
+    def inflight_counts(self) -> Mapping[str, int]:
+        """Requests in flight per address (absent = 0); read-only view for schedulers."""
+        return self._requests
 
     def inflight_tokens(self, address: str) -> int:
-        load = self._load.get(address)
-        return load.tokens if load else 0
+        return self._tokens.get(address, 0)
 
     def total_inflight(self) -> int:
-        return sum(load.requests for load in self._load.values())
+        return sum(self._requests.values())
 
     def _add(self, address: str, tokens: int) -> None:
-        load = self._load.get(address)
-        if load is None:
-            load = self._load[address] = _Load()
-        load.requests += 1
-        load.tokens += tokens
+        self._requests[address] = self._requests.get(address, 0) + 1
+        self._tokens[address] = self._tokens.get(address, 0) + tokens
 
     def _sub(self, address: str, tokens: int) -> None:
-        load = self._load[address]
-        load.requests -= 1
-        load.tokens -= tokens
-        if load.requests == 0:
-            del self._load[address]
+        left = self._requests[address] - 1
+        if left:
+            self._requests[address] = left
+            self._tokens[address] -= tokens
+        else:
+            del self._requests[address]
+            del self._tokens[address]

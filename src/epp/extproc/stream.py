@@ -227,8 +227,9 @@ class ExtProcStream:
         ctx.target_model = pick.target_model
         ctx.ticket = self._store.acquire(pick.primary, request.prompt_tokens if request else 0)
         if request is not None:
-            self._metrics.request_total.labels(ctx.model, ctx.target_model).inc()
-            self._metrics.running_requests.labels(ctx.model).inc()
+            series = self._metrics.series(ctx.model, ctx.target_model)
+            series.requests.inc()
+            series.running.inc()
         addresses = ",".join(e.address for e in pick.endpoints)
         # ORIGINAL_DST clusters read the header and cannot parse a list, so the header
         # carries the primary only; the metadata carries primary + fallbacks.
@@ -296,15 +297,15 @@ class ExtProcStream:
         if resp.done:
             return
         resp.done = True
-        m, labels = self._metrics, (ctx.model, ctx.target_model)
         if ctx.request is not None:
-            m.request_duration.labels(*labels).observe(self._clock() - ctx.started)
+            series = self._metrics.series(ctx.model, ctx.target_model)
+            series.duration.observe(self._clock() - ctx.started)
             usage = resp.usage.finish() if resp.usage else None
             if usage is not None:
-                m.input_tokens.labels(*labels).observe(usage.prompt_tokens)
-                m.output_tokens.labels(*labels).observe(usage.completion_tokens)
+                series.input_tokens.observe(usage.prompt_tokens)
+                series.output_tokens.observe(usage.completion_tokens)
             if resp.status >= 400:
-                m.request_error_total.labels(*labels, str(resp.status)).inc()
+                self._metrics.request_error_total.labels(ctx.model, ctx.target_model, str(resp.status)).inc()
             log.info(
                 "done model=%s target=%s endpoint=%s status=%s duration=%.3fs",
                 ctx.model,
@@ -318,7 +319,7 @@ class ExtProcStream:
     def _release(self) -> None:
         ticket = self.ctx.ticket
         if ticket is not None and ticket.release() and self.ctx.request is not None:
-            self._metrics.running_requests.labels(self.ctx.model).dec()
+            self._metrics.series(self.ctx.model, self.ctx.target_model).running.dec()
 
     # ---- errors and end of stream ------------------------------------------------------
     def _reject(self, rejected: Rejected) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -53,6 +54,17 @@ _DURATION_BUCKETS = (
 )
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072)
 _SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSeries:
+    """The labelled children for one (model, target model) pair, resolved once."""
+
+    requests: Any
+    duration: Any
+    input_tokens: Any
+    output_tokens: Any
+    running: Any
 
 
 class EppMetrics:
@@ -103,6 +115,23 @@ class EppMetrics:
         self.rejections_total = Counter(
             "epp_rejections", "Requests answered by epp itself, by reason.", ["reason"], registry=r
         )
+        self._series: dict[tuple[str, str], ModelSeries] = {}
+
+    def series(self, model: str, target: str) -> ModelSeries:
+        """Children for one model pair; cached because ``labels()`` costs a lock and a dict walk."""
+        key = (model, target)
+        found = self._series.get(key)
+        if found is None:
+            if len(self._series) >= 4096:  # clients may send arbitrary names: keep the cache bounded
+                self._series.clear()
+            found = self._series[key] = ModelSeries(
+                requests=self.request_total.labels(model, target),
+                duration=self.request_duration.labels(model, target),
+                input_tokens=self.input_tokens.labels(model, target),
+                output_tokens=self.output_tokens.labels(model, target),
+                running=self.running_requests.labels(model),
+            )
+        return found
 
 
 @dataclass(frozen=True, slots=True)
