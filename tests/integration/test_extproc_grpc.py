@@ -342,3 +342,18 @@ async def test_request_id_is_generated_when_absent_and_kept_when_present(app, cl
     assert len(generated) == 36 and generated.count("-") == 4
     (r,) = await client.run([request_headers({"x-request-id": "mine"}, method="GET", end_of_stream=True)])
     assert "x-request-id" not in set_headers(r)
+
+
+async def test_cert_path_is_loaded_and_served(write_pool, start_app, tmp_path):
+    from epp.extproc.tls import self_signed
+
+    key, cert = self_signed("localhost")
+    (tmp_path / "tls.key").write_bytes(key)
+    (tmp_path / "tls.crt").write_bytes(cert)
+    app = await start_app(write_pool([A]), secure_serving=True, cert_path=str(tmp_path))
+    creds = grpc.ssl_channel_credentials(root_certificates=cert)  # verify against exactly that cert
+    async with grpc.aio.secure_channel(f"localhost:{app.grpc_port}", creds) as ch:
+        from conftest import ExtProcClient
+
+        (r,) = await ExtProcClient(ch).run([request_headers(method="GET", end_of_stream=True)])
+    assert set_headers(r)["x-gateway-destination-endpoint"] == A
