@@ -10,13 +10,16 @@ import asyncio
 import logging
 import random
 import signal
+import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from epp.config import PoolFile, Settings
 from epp.datalayer import Datastore
+from epp.datalayer.scraper import ScrapeLoops
 from epp.discovery.static import StaticPoolSource
+from epp.domain import Endpoint
 from epp.extproc.server import ExtProcServer, ExtProcServicer
 from epp.extproc.stream import ExtProcStream
 from epp.extproc.tls import load_cert_dir, self_signed
@@ -41,8 +44,11 @@ class App:
         )
         self.pool_file: PoolFile = self.pool_source.load()
         if settings.config_file:
-            log.warning("--config-file %s ignored: scheduling profiles are not implemented yet "
-                        "(placeholder picker: fewest in-flight requests)", settings.config_file)
+            log.warning(
+                "--config-file %s ignored: scheduling profiles are not implemented yet "
+                "(placeholder picker: fewest in-flight requests)",
+                settings.config_file,
+            )
         self.scheduler = LeastInflightScheduler(self.datastore, rng)
         self.router = Router(
             self.datastore,
@@ -52,6 +58,15 @@ class App:
             observe_schedule=self.metrics.scheduler_e2e.observe,
         )
         self.metrics.registry.register(PoolCollector(self._pool_snapshot))
+        interval = settings.refresh_metrics_interval
+        self.scrapers = ScrapeLoops(
+            self.datastore,
+            interval=interval,
+            on_error=self._scrape_failed,
+            rng=rng,
+            # a scrape may take a few intervals, but must end well before its data would be stale
+            timeout=min(settings.metrics_staleness_threshold / 2, max(0.25, 5 * interval)),
+        )
         self.servicer = ExtProcServicer(self.new_stream, self.metrics)
         tls = None
         if settings.secure_serving:
@@ -79,12 +94,19 @@ class App:
         return ExtProcStream(self.router, self.datastore, self.metrics, max_body_bytes=self.settings.max_body_bytes)
 
     def _pool_snapshot(self) -> PoolSnapshot:
-        store = self.datastore
-        return PoolSnapshot(
-            name=store.pool_name,
-            ready_pods=len(store.endpoints()),
-            pods=[PodLoad(e.name, store.inflight(e.address)) for e in store.endpoints()],
-        )
+        store, now, max_age = self.datastore, time.monotonic(), self.settings.metrics_staleness_threshold
+        pods = []
+        for e in store.endpoints():
+            m = store.fresh_metrics(e.address, now, max_age)
+            if m is None:
+                pods.append(PodLoad(e.name, store.inflight(e.address)))
+            else:
+                pods.append(PodLoad(e.name, store.inflight(e.address), m.waiting, m.running, m.kv_usage))
+        return PoolSnapshot(name=store.pool_name, pods=pods)
+
+    def _scrape_failed(self, endpoint: Endpoint, reason: str) -> None:
+        pool = self.datastore.mirror_name if endpoint in self.datastore.mirror_endpoints() else self.datastore.pool_name
+        self.metrics.scrape_errors_total.labels(pool, endpoint.name, reason).inc()
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, self.metrics.registry)
@@ -102,6 +124,7 @@ class App:
         sockets = getattr(server, "sockets", None) or []
         self.metrics_port = sockets[0].getsockname()[1] if sockets else self.settings.metrics_port
         self.pool_source.start()
+        self.scrapers.start()
         await self.server.set_serving(self.datastore.synced)
         log.info(
             "epp serving pool %s (%d endpoints): ext_proc :%d (%s), health :%d, metrics :%d",
@@ -120,6 +143,7 @@ class App:
         self._closed = True
         await self.pool_source.aclose()
         await self.server.drain(self.settings.drain_timeout if timeout is None else timeout)
+        await self.scrapers.aclose()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 

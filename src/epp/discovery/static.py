@@ -26,6 +26,8 @@ def apply_pool_file(store: Datastore, pool_file: PoolFile) -> None:
         mirror=pool_file.mirror.endpoint_list() if pool_file.mirror else (),
         pool_name=pool_file.pool.name,
         mirror_name=pool_file.mirror.name if pool_file.mirror else "",
+        engine=pool_file.pool.engine,
+        mirror_engine=pool_file.mirror.engine if pool_file.mirror else "vllm",
     )
 
 

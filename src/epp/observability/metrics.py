@@ -115,6 +115,12 @@ class EppMetrics:
         self.rejections_total = Counter(
             "epp_rejections", "Requests answered by epp itself, by reason.", ["reason"], registry=r
         )
+        self.scrape_errors_total = Counter(
+            "inference_pool_scrape_errors",
+            "Failed metric scrapes per endpoint, by reason.",
+            ["name", "model_server_pod", "reason"],
+            registry=r,
+        )
         self._series: dict[tuple[str, str], ModelSeries] = {}
 
     def series(self, model: str, target: str) -> ModelSeries:
@@ -138,31 +144,63 @@ class EppMetrics:
 class PodLoad:
     pod: str
     inflight: int
+    queue: int | None = None  # None: no fresh scrape
+    running: int | None = None
+    kv_usage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PoolSnapshot:
     name: str
-    ready_pods: int
     pods: Sequence[PodLoad]
 
 
 class PoolCollector(Collector):
-    """Pool gauges computed at scrape time from the datastore, so they can never drift."""
+    """Pool gauges computed at scrape time from the datastore, so they can never drift.
+
+    As in the reference EPP, endpoints without fresh metrics are left out of
+    ``ready_pods`` and the averages.
+    """
 
     def __init__(self, snapshot: Callable[[], PoolSnapshot]) -> None:
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         snap = self._snapshot()
-        ready = GaugeMetricFamily("inference_pool_ready_pods", "Endpoints ready in the pool.", labels=["name"])
-        ready.add_metric([snap.name], snap.ready_pods)
-        yield ready
-        inflight = GaugeMetricFamily(
-            "inference_pool_per_pod_inflight_requests",
-            "epp's own in-flight requests per endpoint.",
-            labels=["name", "model_server_pod"],
+        fresh = [p for p in snap.pods if p.queue is not None]
+
+        def pool_gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=["name"])
+            g.add_metric([snap.name], value)
+            return g
+
+        def avg(values: list[float]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
+        yield pool_gauge("inference_pool_ready_pods", "Endpoints with fresh metrics.", len(fresh))
+        yield pool_gauge(
+            "inference_pool_average_kv_cache_utilization",
+            "Mean KV-cache use of fresh endpoints.",
+            avg([p.kv_usage or 0.0 for p in fresh]),
         )
-        for pod in snap.pods:
-            inflight.add_metric([snap.name, pod.pod], pod.inflight)
+        yield pool_gauge(
+            "inference_pool_average_queue_size",
+            "Mean waiting requests of fresh endpoints.",
+            avg([float(p.queue or 0) for p in fresh]),
+        )
+        yield pool_gauge(
+            "inference_pool_average_running_requests",
+            "Mean running requests of fresh endpoints.",
+            avg([float(p.running or 0) for p in fresh]),
+        )
+        labels = ["name", "model_server_pod"]
+        queue = GaugeMetricFamily("inference_pool_per_pod_queue_size", "Waiting requests per endpoint.", labels=labels)
+        for p in fresh:
+            queue.add_metric([snap.name, p.pod], float(p.queue or 0))
+        yield queue
+        inflight = GaugeMetricFamily(
+            "inference_pool_per_pod_inflight_requests", "epp's own in-flight requests per endpoint.", labels=labels
+        )
+        for p in snap.pods:
+            inflight.add_metric([snap.name, p.pod], p.inflight)
         yield inflight
