@@ -70,9 +70,13 @@ class EndpointScraper:
                 async with self._session.get(self._url, params=self._params) as resp:
                     if resp.status != 200:
                         raise ScrapeFailed("http_status", f"HTTP {resp.status}")
-                    data = await resp.content.read(self._max_bytes + 1)
-                    if len(data) > self._max_bytes:
-                        raise ScrapeFailed("too_large", f"/metrics larger than {self._max_bytes} bytes")
+                    if (resp.content_length or 0) > self._max_bytes:
+                        raise ScrapeFailed("too_large", f"/metrics of {resp.content_length} bytes")
+                    data = bytearray()
+                    async for chunk in resp.content.iter_any():
+                        data += chunk
+                        if len(data) > self._max_bytes:
+                            raise ScrapeFailed("too_large", f"/metrics larger than {self._max_bytes} bytes")
         except TimeoutError:
             raise ScrapeFailed("timeout", f"no answer within {self._timeout:.3f}s") from None
         except aiohttp.ClientError as exc:
