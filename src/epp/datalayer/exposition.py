@@ -32,78 +32,100 @@ def _unescape(value: str) -> str:
     return _ESCAPE.sub(lambda m: _ESCAPES[m.group()], value) if "\\" in value else value
 
 
-def _parse_line(line: str, name_len: int) -> Sample:
+def _label_block_end(rest: str) -> int:
+    """Index of the ``}`` closing the label block that ``rest`` starts with.
+
+    A block ends with ``"}`` (or is ``{}``); a ``"}`` inside a value has its quote
+    escaped, which an odd run of backslashes before it reveals.
+    """
+    if rest.startswith("{}"):
+        return 1
+    i = rest.find('"}')
+    while i >= 0:
+        j = i
+        while j > 0 and rest[j - 1] == "\\":
+            j -= 1
+        if (i - j) % 2 == 0:
+            return i + 1
+        i = rest.find('"}', i + 1)
+    raise ExpositionError(f"unterminated label block in {rest[:80]!r}")
+
+
+def _value(rest: str, line: str) -> float:
+    parts = rest.split(None, 2)
+    if not parts:
+        raise ExpositionError(f"no value in {line[:80]!r}")
+    try:
+        return float(parts[0])
+    except ValueError:
+        raise ExpositionError(f"bad value in {line[:80]!r}") from None
+
+
+def _parse_line(line: str, name_len: int, *, labels_wanted: bool = True) -> Sample:
     rest = line[name_len:]
     labels: dict[str, str] = {}
     if rest.startswith("{"):
         end = _label_block_end(rest)
-        pos = 1
-        block = rest[:end]
-        while pos < end:
-            m = _LABEL.match(block, pos)
-            if m is None:
-                if block[pos:].strip():
-                    raise ExpositionError(f"bad label syntax in {line[:80]!r}")
-                break
-            labels[m.group(1)] = _unescape(m.group(2))
-            pos = m.end()
+        if labels_wanted:
+            block = rest[:end]
+            pos = 1
+            while pos < end:
+                m = _LABEL.match(block, pos)
+                if m is None:
+                    if block[pos:].strip(" ,"):
+                        raise ExpositionError(f"bad label syntax in {line[:80]!r}")
+                    break
+                labels[m.group(1)] = _unescape(m.group(2))
+                pos = m.end()
         rest = rest[end + 1 :]
-    parts = rest.split()
-    if not parts:
-        raise ExpositionError(f"no value in {line[:80]!r}")
-    try:
-        value = float(parts[0])
-    except ValueError:
-        raise ExpositionError(f"bad value in {line[:80]!r}") from None
-    return labels, value
+    return labels, _value(rest, line)
 
 
-def _label_block_end(rest: str) -> int:
-    """Index of the ``}`` closing the label block (quotes may contain ``}``)."""
-    in_quote = False
-    i = 1
-    n = len(rest)
-    while i < n:
-        c = rest[i]
-        if in_quote:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_quote = False
-        elif c == '"':
-            in_quote = True
-        elif c == "}":
-            return i
-        i += 1
-    raise ExpositionError(f"unterminated label block in {rest[:80]!r}")
+def _lines(text: str, name: str) -> list[str]:
+    """The sample lines of exactly this family (``foo`` does not match ``foo_bucket``)."""
+    out: list[str] = []
+    n = len(name)
+    key = "\n" + name
+    if text.startswith(name):
+        start = 0
+    else:
+        i = text.find(key)
+        if i < 0:
+            return out
+        start = i + 1
+    while True:
+        end = text.find("\n", start)
+        if end < 0:
+            end = len(text)
+        if text[start + n : start + n + 1] in ("{", " ", "\t"):
+            out.append(text[start:end].rstrip("\r"))
+        i = text.find(key, end)
+        if i < 0:
+            return out
+        start = i + 1
 
 
 def extract(text: str, names: Iterable[str]) -> dict[str, list[Sample]]:
-    """Samples of the named families (exact names; ``foo`` does not match ``foo_bucket``)."""
+    """Samples of the named families, labels and values, in page order."""
     out: dict[str, list[Sample]] = {}
     for name in names:
-        samples: list[Sample] = []
-        n = len(name)
-        pos = 0 if text.startswith(name) else text.find("\n" + name)
-        while pos >= 0:
-            start = pos if pos == 0 and text.startswith(name) else pos + 1
-            end = text.find("\n", start)
-            if end < 0:
-                end = len(text)
-            line = text[start:end]
-            nxt = line[n : n + 1]
-            if nxt in ("{", " ", "\t", "\r"):
-                samples.append(_parse_line(line.rstrip("\r"), n))
-            pos = text.find("\n" + name, end)
+        samples = [_parse_line(line, len(name)) for line in _lines(text, name)]
         if samples:
             out[name] = samples
     return out
 
 
-def _first(samples: dict[str, list[Sample]], specs: Iterable[MetricSpec]) -> float | None:
-    """First series of the first spec present (vLLM sets no timestamps: first wins)."""
+def _first(text: str, specs: Iterable[MetricSpec]) -> float | None:
+    """Value of the first series of the first spec present (vLLM sets no timestamps: first wins).
+
+    Labels are only tokenised when the spec constrains them.
+    """
     for spec in specs:
-        for labels, value in samples.get(spec.name, ()):
+        n = len(spec.name)
+        for line in _lines(text, spec.name):
+            if not spec.labels:
+                return _parse_line(line, n, labels_wanted=False)[1]
+            labels, value = _parse_line(line, n)
             if all(labels.get(k) == v for k, v in spec.labels):
                 return value
     return None
@@ -122,10 +144,9 @@ def _int(value: str | float | None) -> int:
 
 def parse_metrics(text: str, mapping: EngineMapping, now: float) -> EndpointMetrics:
     """One scrape's text → ``EndpointMetrics``; raises ``ExpositionError`` if a core gauge is missing."""
-    samples = extract(text, mapping.families())
-    waiting = _first(samples, mapping.waiting)
-    running = _first(samples, mapping.running)
-    kv = _first(samples, mapping.kv_usage)
+    waiting = _first(text, mapping.waiting)
+    running = _first(text, mapping.running)
+    kv = _first(text, mapping.kv_usage)
     if waiting is None or running is None or kv is None:
         missing = [
             s[0].name
@@ -137,19 +158,21 @@ def parse_metrics(text: str, mapping: EngineMapping, now: float) -> EndpointMetr
     pending: frozenset[str] = frozenset()
     max_lora = 0
     if mapping.lora_info is not None:
-        series = samples.get(mapping.lora_info.name, [])
+        series = extract(text, (mapping.lora_info.name,)).get(mapping.lora_info.name)
         if series:  # the newest state is the series with the largest value (a timestamp)
             labels, _ = max(series, key=lambda s: s[1])
             active = _adapters(labels.get("running_lora_adapters", ""))
             pending = _adapters(labels.get("waiting_lora_adapters", ""))
             max_lora = _int(labels.get("max_lora"))
     block_size = num_blocks = 0
-    if mapping.cache_info is not None and samples.get(mapping.cache_info.name):
-        labels = samples[mapping.cache_info.name][0][0]
-        block_size = _int(labels.get(mapping.block_size_label))
-        num_blocks = _int(labels.get(mapping.num_blocks_label))
-    block_size = block_size or _int(_first(samples, mapping.block_size))
-    num_blocks = num_blocks or _int(_first(samples, mapping.num_blocks))
+    if mapping.cache_info is not None:
+        lines = _lines(text, mapping.cache_info.name)
+        if lines:
+            labels = _parse_line(lines[0], len(mapping.cache_info.name))[0]
+            block_size = _int(labels.get(mapping.block_size_label))
+            num_blocks = _int(labels.get(mapping.num_blocks_label))
+    block_size = block_size or _int(_first(text, mapping.block_size))
+    num_blocks = num_blocks or _int(_first(text, mapping.num_blocks))
     return EndpointMetrics(
         waiting=_int(waiting) if math.isfinite(waiting) else 0,
         running=_int(running) if math.isfinite(running) else 0,

@@ -17,8 +17,10 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from urllib.parse import urlencode
 
 import aiohttp
+from yarl import URL
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.engines import EngineMapping, engine_for
@@ -59,15 +61,16 @@ class EndpointScraper:
         self._max_bytes = max_bytes
         self._clock = clock
         self._on_error = on_error
-        self._url = f"http://{endpoint.address}/metrics"
-        self._params = [("name[]", n) for n in mapping.families()]
+        # built and encoded once: yarl would otherwise re-encode the query on every scrape
+        query = urlencode([("name[]", n) for n in mapping.families()])
+        self._url = URL(f"http://{endpoint.address}/metrics?{query}", encoded=True)
         self.errors = 0
         self.successes = 0
 
     async def fetch(self) -> str:
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._session.get(self._url, params=self._params) as resp:
+                async with self._session.get(self._url) as resp:
                     if resp.status != 200:
                         raise ScrapeFailed("http_status", f"HTTP {resp.status}")
                     if (resp.content_length or 0) > self._max_bytes:
