@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+import uvloop
 import yaml
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,11 @@ from epp.app import App
 from epp.config import Settings
 
 PoolWriter = Callable[..., Path]
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Tests run on uvloop, like `epp serve`."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ class Upstream:
     name: str
     status: int = 200
     hold: asyncio.Event | None = None
+    hold_body: asyncio.Event | None = None  # streaming: pause after the first event until set
     seen: list[Seen] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -66,9 +67,11 @@ class Upstream:
         if doc.get("stream"):
             resp = web.StreamResponse(headers={**headers, "content-type": "text/event-stream"})
             await resp.prepare(request)
-            for word in ("Hello", " from", f" {self.name}"):
+            for i, word in enumerate(("Hello", " from", f" {self.name}")):
                 chunk = {"model": model, "choices": [{"index": 0, "text": word}]}
                 await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                if i == 0 and self.hold_body is not None:
+                    await self.hold_body.wait()
             await resp.write(b"data: " + orjson.dumps({"model": model, "choices": [], "usage": usage}) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()

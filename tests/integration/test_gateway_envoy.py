@@ -273,12 +273,15 @@ async def test_served_endpoint_moves_the_inflight_claim_during_a_stream(gateway)
     ghost = "127.0.0.1:9"
     gw = await gateway(n=1, epp_extra_endpoints=(ghost,), mutate=_subset_hint_filter([ghost]))
     pod = gw.upstreams[0]
+    pod.hold_body = asyncio.Event()
     doc = {**COMPLETION, "stream": True}
     async with gw.http.post(gw.url + "/v1/completions", data=orjson.dumps(doc)) as r:
         assert r.status == 200
-        # response headers have passed epp: the claim sits on the endpoint Envoy used
+        # response headers have passed epp (full duplex holds them for its reply) and the
+        # body is held open: the claim sits on the endpoint Envoy used
         assert gw.app.datastore.inflight(pod.address) == 1
         assert gw.app.datastore.inflight(ghost) == 0
+        pod.hold_body.set()
         await r.read()
     await gw.app.servicer.wait_idle()
     assert gw.app.datastore.total_inflight() == 0

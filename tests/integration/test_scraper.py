@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import aiohttp
 import pytest
 from aiohttp import web
-from vllm_page import vllm_exposition
 
 from epp.datalayer import Datastore
 from epp.datalayer.engines import ENGINES
 from epp.datalayer.scraper import EndpointScraper, ScrapeLoops
 from epp.domain import Endpoint
+from vllm_page import vllm_exposition
 
 
 @dataclass
@@ -63,22 +62,16 @@ async def pods():
         await p.runner.cleanup()
 
 
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-def scraper_for(pod: MetricsPod, store: Datastore, session, **kw) -> EndpointScraper:
+def scraper_for(pod: MetricsPod, store: Datastore, **kw) -> EndpointScraper:
     store.set_pool([*store.endpoints(), pod.endpoint])
-    return EndpointScraper(pod.endpoint, ENGINES["vllm"], store, session, timeout=kw.pop("timeout", 2.0), **kw)
+    return EndpointScraper(pod.endpoint, ENGINES["vllm"], store, timeout=kw.pop("timeout", 2.0), **kw)
 
 
-async def test_scrape_stores_metrics_and_asks_only_for_needed_families(pods, session):
+async def test_scrape_stores_metrics_and_asks_only_for_needed_families(pods):
     pod = await pods()
     store = Datastore("p")
     clock = iter([100.0])
-    s = scraper_for(pod, store, session, clock=lambda: next(clock))
+    s = scraper_for(pod, store, clock=lambda: next(clock))
     assert await s.scrape_once()
     m = store.metrics(pod.endpoint.address)
     assert m is not None and (m.running, m.waiting, m.max_lora, m.updated_at) == (12, 3, 4, 100.0)
@@ -97,11 +90,11 @@ async def test_scrape_stores_metrics_and_asks_only_for_needed_families(pods, ses
     ],
     ids=["http-500", "garbage", "truncated", "huge"],
 )
-async def test_bad_pods_are_counted_and_keep_their_last_metrics(pods, session, setup, reason):
+async def test_bad_pods_are_counted_and_keep_their_last_metrics(pods, setup, reason):
     pod = await pods()
     store = Datastore("p")
     errors: list[str] = []
-    s = scraper_for(pod, store, session, on_error=lambda _e, r: errors.append(r))
+    s = scraper_for(pod, store, on_error=lambda _e, r: errors.append(r))
     assert await s.scrape_once()
     before = store.metrics(pod.endpoint.address)
     for k, v in setup.items():
@@ -111,22 +104,22 @@ async def test_bad_pods_are_counted_and_keep_their_last_metrics(pods, session, s
     assert store.metrics(pod.endpoint.address) is before  # old data stays; its age makes it stale
 
 
-async def test_unreachable_pod_is_a_connection_error(session):
+async def test_unreachable_pod_is_a_connection_error():
     store = Datastore("p")
     ghost = Endpoint("127.0.0.1:9", "ghost")
     store.set_pool([ghost])
     errors: list[str] = []
-    s = EndpointScraper(ghost, ENGINES["vllm"], store, session, timeout=2, on_error=lambda _e, r: errors.append(r))
+    s = EndpointScraper(ghost, ENGINES["vllm"], store, timeout=2, on_error=lambda _e, r: errors.append(r))
     assert not await s.scrape_once() and errors == ["connection"] and store.metrics(ghost.address) is None
 
 
-async def test_a_slow_pod_times_out_without_blocking_others(pods, session):
+async def test_a_slow_pod_times_out_without_blocking_others(pods):
     slow = await pods(stall=asyncio.Event())
     fast = await pods()
     store = Datastore("p")
     errors: list[str] = []
-    slow_s = scraper_for(slow, store, session, timeout=0.3, on_error=lambda _e, r: errors.append(r))
-    fast_s = scraper_for(fast, store, session)
+    slow_s = scraper_for(slow, store, timeout=1.0, on_error=lambda _e, r: errors.append(r))
+    fast_s = scraper_for(fast, store)
     slow_task = asyncio.create_task(slow_s.scrape_once())
     await slow.hit.wait()  # the slow scrape is in progress
     assert await fast_s.scrape_once()  # and the loop keeps serving others meanwhile

@@ -3,10 +3,11 @@
 One loop per endpoint (primary and mirror pool), each on its own cadence with jitter so
 pods are not hit in lock-step, each bounded by a timeout, so one slow pod never stales
 another.  A scrape asks only for the families the engine mapping needs
-(``?name[]=…``, honoured by prometheus_client servers such as vLLM) and reads at most
-``max_bytes``.  Failures of any kind (connection, HTTP status, timeout, oversize,
-garbage) are counted per pod and leave the last metrics in place, where their age
-marks them stale.  Membership belongs to discovery: loops follow the datastore.
+(``?name[]=…``, honoured by prometheus_client servers such as vLLM) over a kept-alive
+connection (:mod:`epp.datalayer.httpget`) and reads at most ``max_bytes``.  Failures
+of any kind (connection, HTTP status, timeout, oversize, garbage) are counted per pod
+and leave the last metrics in place, where their age marks them stale.  Membership
+belongs to discovery: loops follow the datastore.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlencode
 
-import aiohttp
-from yarl import URL
-
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.engines import EngineMapping, engine_for
 from epp.datalayer.exposition import ExpositionError, parse_metrics
+from epp.datalayer.httpget import HttpGetError, HttpGetter
 from epp.domain import Endpoint
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ class EndpointScraper:
         endpoint: Endpoint,
         mapping: EngineMapping,
         store: Datastore,
-        session: aiohttp.ClientSession,
         *,
         timeout: float,
         max_bytes: int = 4 << 20,
@@ -56,35 +54,30 @@ class EndpointScraper:
         self.endpoint = endpoint
         self.mapping = mapping
         self._store = store
-        self._session = session
         self._timeout = timeout
         self._max_bytes = max_bytes
         self._clock = clock
         self._on_error = on_error
-        # built and encoded once: yarl would otherwise re-encode the query on every scrape
         query = urlencode([("name[]", n) for n in mapping.families()])
-        self._url = URL(f"http://{endpoint.address}/metrics?{query}", encoded=True)
+        host, _, port = endpoint.address.rpartition(":")
+        self._getter = HttpGetter(host.strip("[]"), int(port), f"/metrics?{query}", max_bytes=max_bytes)
         self.errors = 0
         self.successes = 0
 
     async def fetch(self) -> str:
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._session.get(self._url) as resp:
-                    if resp.status != 200:
-                        raise ScrapeFailed("http_status", f"HTTP {resp.status}")
-                    if (resp.content_length or 0) > self._max_bytes:
-                        raise ScrapeFailed("too_large", f"/metrics of {resp.content_length} bytes")
-                    data = bytearray()
-                    async for chunk in resp.content.iter_any():
-                        data += chunk
-                        if len(data) > self._max_bytes:
-                            raise ScrapeFailed("too_large", f"/metrics larger than {self._max_bytes} bytes")
+                status, body = await self._getter.get()
         except TimeoutError:
             raise ScrapeFailed("timeout", f"no answer within {self._timeout:.3f}s") from None
-        except aiohttp.ClientError as exc:
-            raise ScrapeFailed("connection", str(exc) or type(exc).__name__) from None
-        return data.decode("utf-8", "replace")
+        except HttpGetError as exc:
+            raise ScrapeFailed(exc.reason, str(exc)) from None
+        if status != 200:
+            raise ScrapeFailed("http_status", f"HTTP {status}")
+        return body.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        self._getter.close()
 
     async def scrape_once(self) -> bool:
         """Fetch and store one scrape; False (and the error counted) when it failed."""
@@ -128,17 +121,16 @@ class ScrapeLoops:
         self._on_error = on_error
         self._rng = rng or random.Random()
         self._tasks: dict[str, tuple[Endpoint, asyncio.Task[None]]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._started = False
         self.scrapers: dict[str, EndpointScraper] = {}
 
     def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        self._started = True
         self._store.on_change(self.sync)
         self.sync()
 
     def sync(self) -> None:
-        if self._session is None:
+        if not self._started:
             return
         store = self._store
         wanted: dict[str, tuple[Endpoint, str]] = {e.address: (e, store.engine) for e in store.endpoints()}
@@ -149,7 +141,9 @@ class ScrapeLoops:
             if address not in wanted or wanted[address][0] != endpoint:
                 task.cancel()
                 del self._tasks[address]
-                self.scrapers.pop(address, None)
+                scraper = self.scrapers.pop(address, None)
+                if scraper is not None:
+                    scraper.close()
         loop = asyncio.get_running_loop()
         for address, (endpoint, engine) in wanted.items():
             if address in self._tasks:
@@ -158,7 +152,6 @@ class ScrapeLoops:
                 endpoint,
                 engine_for(engine, dict(endpoint.labels)),
                 self._store,
-                self._session,
                 timeout=self._timeout,
                 on_error=self._on_error,
             )
@@ -181,6 +174,7 @@ class ScrapeLoops:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for scraper in self.scrapers.values():
+            scraper.close()
+        self.scrapers.clear()
+        self._started = False

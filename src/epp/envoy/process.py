@@ -69,17 +69,18 @@ async def validate(config: dict[str, Any] | str) -> None:
     envoy = find_envoy()
     with tempfile.TemporaryDirectory(prefix="epp-envoy-validate-") as tmp:
         path = Path(tmp) / "envoy.yaml"
+        out_path = Path(tmp) / "output.txt"
         await asyncio.to_thread(path.write_text, _yaml_text(config), "utf-8")
         argv = [envoy, "--mode", "validate", "-c", str(path), "--log-level", "error"]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output, _ = await proc.communicate()
+        # Output goes to a file, not a pipe: uvloop's subprocess pipes are socketpairs, and
+        # Envoy cannot open /dev/stdout (the default access log path) on a socket.
+        with open(out_path, "wb") as out:  # noqa: ASYNC230 - a local temp file, opened once
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT
+            )
+            await proc.wait()
+        text = await asyncio.to_thread(out_path.read_text, "utf-8", "replace")
     if proc.returncode != 0:
-        text = output.decode("utf-8", "replace")
         raise ConfigError(f"envoy rejected the config (exit {proc.returncode}): {_envoy_message(text)}")
 
 
