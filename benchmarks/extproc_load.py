@@ -36,7 +36,8 @@ STARTED = re.compile(rb"ext_proc :(\d+)")
 
 async def start_epp(endpoints: int, workdir: Path, log_level: str) -> tuple[asyncio.subprocess.Process, int]:
     pool = workdir / "pool.yaml"
-    addresses = [f"10.{i // 250}.{i % 250}.1:8000" for i in range(endpoints)]
+    # loopback addresses only; nothing listens there and, with scraping off, nothing dials them
+    addresses = [f"127.{1 + i // 250}.{i % 250}.1:8000" for i in range(endpoints)]
     pool.write_text(yaml.safe_dump({
         "pool": {"name": "bench", "endpoints": addresses},
         "models": [{"modelName": "m", "targetModels": [{"name": "m", "weight": 1}]}],
@@ -44,7 +45,7 @@ async def start_epp(endpoints: int, workdir: Path, log_level: str) -> tuple[asyn
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "epp", "serve", "--pool-file", str(pool), "--grpc-port", "0",
         "--grpc-health-port", "0", "--metrics-port", "0", "--bind-address", "127.0.0.1",
-        "--secure-serving=false", "--log-level", log_level,
+        "--secure-serving=false", "--log-level", log_level, "--refresh-metrics-interval", "0",
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None

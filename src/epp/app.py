@@ -124,7 +124,8 @@ class App:
         sockets = getattr(server, "sockets", None) or []
         self.metrics_port = sockets[0].getsockname()[1] if sockets else self.settings.metrics_port
         self.pool_source.start()
-        self.scrapers.start()
+        if self.settings.refresh_metrics_interval > 0:  # 0 turns scraping off (non-vLLM backends, benchmarks)
+            self.scrapers.start()
         await self.server.set_serving(self.datastore.synced)
         log.info(
             "epp serving pool %s (%d endpoints): ext_proc :%d (%s), health :%d, metrics :%d",
