@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from vllm_page import vllm_exposition
 
 from epp.datalayer.engines import ENGINES, engine_for
 from epp.datalayer.exposition import ExpositionError, extract, parse_metrics
+from vllm_page import vllm_exposition
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SAMPLES = {
