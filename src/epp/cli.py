@@ -79,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_envoy_config(sub)
     p = sub.add_parser("check-config", help="validate a pool file")
     p.add_argument("--pool-file", required=True)
+    p = sub.add_parser("demo", help="run the traffic-mirroring scenario locally (sim pods, epp, Envoy)")
+    p.add_argument("--requests", type=int, default=30, help="burst size after the scenario's request")
+    p.add_argument("--concurrency", type=int, default=6)
+    p.add_argument("--keep", action="store_true", help="keep logs and configs")
+    p = sub.add_parser("mirror-report", help="primary vs shadow pool, side by side, from the pods' /metrics")
+    p.add_argument("--primary", nargs="+", required=True, metavar="URL", help="primary pods, e.g. http://10.0.0.5:8000")
+    p.add_argument("--shadow", nargs="+", required=True, metavar="URL")
+    p.add_argument(
+        "--interval",
+        type=_arg(parse_duration),
+        default=10.0,
+        metavar="DURATION",
+        help="measurement window (default 10s)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     return parser
 
 
@@ -142,6 +157,24 @@ def _envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from epp.demo import run_demo
+
+    return uvloop.run(run_demo(requests=args.requests, concurrency=args.concurrency, keep=args.keep))
+
+
+def _mirror_report(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from epp.mirror_report import render_table, run_report, to_json
+
+    reports = uvloop.run(run_report(args.primary, args.shadow, args.interval))
+    print(to_json(reports) if args.json else render_table(reports))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -149,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings_from(args))
         if args.command == "envoy-config":
             return _envoy_config(args)
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "mirror-report":
+            return _mirror_report(args)
         pool = load_pool_file(args.pool_file)
         print(f"ok: pool {pool.pool.name} with {len(pool.pool.endpoints)} endpoints")
         return 0

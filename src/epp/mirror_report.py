@@ -18,11 +18,12 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-FAMILIES = (
-    "vllm:request_success",
-    "vllm:time_to_first_token_seconds",
-    "vllm:inter_token_latency_seconds",
-    "vllm:generation_tokens",
+# prometheus_client's ``name[]`` filter matches sample names, not family names
+SAMPLE_NAMES = (
+    "vllm:request_success_total",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:inter_token_latency_seconds_bucket",
+    "vllm:generation_tokens_total",
 )
 ERROR_REASONS = frozenset({"error", "abort"})
 
@@ -123,7 +124,7 @@ def pool_report(name: str, before: Sequence[PodSnapshot], after: Sequence[PodSna
 
 async def snapshot(session: aiohttp.ClientSession, urls: Sequence[str]) -> list[PodSnapshot]:
     """Scrape every pod concurrently (only the families the report needs)."""
-    params = [("name[]", f) for f in (*FAMILIES, *(f + "_total" for f in FAMILIES))]
+    params = [("name[]", n) for n in SAMPLE_NAMES]
 
     async def one(url: str) -> PodSnapshot:
         async with session.get(url.rstrip("/") + "/metrics", params=params) as r:

@@ -1,0 +1,59 @@
+"""epp reads real values from epp-sim pods: the scraper and the pool gauges, both metric formats,
+and real load (queued requests) as well as injected values."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from epp_sim import EngineConfig, MetricsOverride, PodConfig, SimFleet, get_profile
+
+
+@pytest.mark.parametrize("fmt", ["vllm-0.33", "vllm-legacy"])
+async def test_epp_sees_sim_queue_kv_and_lora(write_pool, start_app, fmt):
+    cfg = PodConfig(engine=EngineConfig(profile=get_profile("fast"), max_loras=2), metrics_format=fmt)
+    async with SimFleet(cfg, pods=2) as fleet:
+        app = await start_app(write_pool(fleet.addresses), refresh_metrics_interval=3600.0)
+        a, b = fleet.pods
+        a.set_metrics(MetricsOverride(waiting=7, running=3, kv_usage=0.9, running_adapters=("sql-lora",),
+                                      waiting_adapters=("tweet-summary",)))
+        for scraper in app.scrapers.scrapers.values():
+            assert await scraper.scrape_once()
+        ma = app.datastore.metrics(a.url.removeprefix("http://"))
+        mb = app.datastore.metrics(b.url.removeprefix("http://"))
+        assert ma is not None and mb is not None
+        assert (ma.waiting, ma.running, ma.kv_usage) == (7, 3, pytest.approx(0.9))
+        assert ma.active_adapters == {"sql-lora"} and ma.waiting_adapters == {"tweet-summary"}
+        assert (ma.max_lora, ma.block_size) == (2, 16) and ma.num_blocks > 0
+        assert (mb.waiting, mb.running) == (0, 0)
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{app.metrics_port}/metrics") as r:
+            text = await r.text()
+        assert 'inference_pool_ready_pods{name="test-pool"} 2.0' in text
+        assert 'inference_pool_average_queue_size{name="test-pool"} 3.5' in text
+        assert 'inference_pool_average_kv_cache_utilization{name="test-pool"}' in text
+
+
+async def test_epp_sees_real_queueing_on_a_paused_pod(write_pool, start_app):
+    cfg = PodConfig(engine=EngineConfig(profile=get_profile("fast")))
+    async with SimFleet(cfg, pods=1) as fleet, aiohttp.ClientSession() as http:
+        app = await start_app(write_pool(fleet.addresses), refresh_metrics_interval=3600.0)
+        pod = fleet.pods[0]
+        pod.pause()  # requests queue up and the gauges show them, as a busy vLLM would
+        body = {"model": "/model/llama2", "prompt": "hello " * 50, "max_tokens": 8}
+        posts = [asyncio.create_task(http.post(pod.url + "/v1/completions", json=body)) for _ in range(3)]
+        await pod.requests_seen(3)
+        (scraper,) = app.scrapers.scrapers.values()
+        assert await scraper.scrape_once()
+        m = app.datastore.metrics(pod.url.removeprefix("http://"))
+        assert m is not None and m.waiting + m.running == 3
+        pod.resume()
+        for resp in await asyncio.gather(*posts):
+            assert resp.status == 200
+            resp.release()
+        await pod.idle()
+        assert await scraper.scrape_once()
+        m = app.datastore.metrics(pod.url.removeprefix("http://"))
+        assert m is not None and (m.waiting, m.running) == (0, 0)
