@@ -3,6 +3,6 @@
 Pure and synchronous: never imports grpc, aiohttp, kubernetes or ``epp.extproc``.
 """
 
-from epp.scheduling.scheduler import LeastInflightScheduler, LoadView, Scheduler
+from epp.scheduling.scheduler import LeastInflightScheduler, LoadView, Scheduler, build_scheduler
 
-__all__ = ["LeastInflightScheduler", "LoadView", "Scheduler"]
+__all__ = ["LeastInflightScheduler", "LoadView", "Scheduler", "build_scheduler"]

@@ -44,3 +44,10 @@ class LeastInflightScheduler:
         get = self._load.inflight_counts().get
         keys = [get(e.address, 0) for e in rotated]
         return [rotated[i] for i in sorted(range(n), key=keys.__getitem__)]
+
+
+def build_scheduler(
+    profile: str, load: LoadView, *, rng: random.Random | None = None, clock: object = None
+) -> Scheduler:
+    """A scheduler for a built-in profile name (placeholder: every name is least-in-flight for now)."""
+    return LeastInflightScheduler(load, rng)
