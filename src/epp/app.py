@@ -25,7 +25,7 @@ from epp.extproc.stream import ExtProcStream
 from epp.extproc.tls import load_cert_dir, self_signed
 from epp.observability.metrics import EppMetrics, PodLoad, PoolCollector, PoolSnapshot
 from epp.routing import Router
-from epp.scheduling import LeastInflightScheduler
+from epp.scheduling import EndpointPickerConfig, build_scheduler, load_config_file
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,17 @@ class App:
             settings.pool_file, self.datastore, interval=settings.pool_file_poll_interval
         )
         self.pool_file: PoolFile = self.pool_source.load()
+        profile: str | EndpointPickerConfig = settings.scheduling_profile
         if settings.config_file:
-            log.warning(
-                "--config-file %s ignored: scheduling profiles are not implemented yet "
-                "(placeholder picker: fewest in-flight requests)",
-                settings.config_file,
-            )
-        self.scheduler = LeastInflightScheduler(self.datastore, rng)
+            profile = load_config_file(settings.config_file)
+        self.scheduler = build_scheduler(
+            profile,
+            self.datastore,
+            rng=rng,
+            staleness=settings.metrics_staleness_threshold,
+            max_endpoints=1 + settings.max_fallback_endpoints,
+            observe=self.metrics.observe_plugin,
+        )
         self.router = Router(
             self.datastore,
             self.scheduler,

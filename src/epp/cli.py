@@ -8,6 +8,7 @@ epp check-config  validate a pool file and exit
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -47,7 +48,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--bind-address", default="0.0.0.0")
     p.add_argument("--secure-serving", type=_arg(parse_bool), nargs="?", const=True, default=True, metavar="true|false")
     p.add_argument("--cert-path", default=None, help="directory with tls.crt and tls.key")
-    p.add_argument("--config-file", default=None, help="scheduling profile YAML")
+    p.add_argument("--config-file", default=None, help="scheduling profile YAML (EndpointPickerConfig)")
+    p.add_argument(
+        "--scheduling-profile",
+        default="epp-default",
+        help="built-in profile when no --config-file: epp-default, gie-default, least-inflight, round-robin, random",
+    )
     p.add_argument("--refresh-metrics-interval", type=_arg(parse_duration), default=0.05, metavar="DURATION")
     p.add_argument("--metrics-staleness-threshold", type=_arg(parse_duration), default=2.0, metavar="DURATION")
     p.add_argument("--pool-file-poll-interval", type=_arg(parse_duration), default=1.0, metavar="DURATION")
@@ -107,6 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         secure_serving=args.secure_serving,
         cert_path=args.cert_path,
         config_file=args.config_file,
+        scheduling_profile=args.scheduling_profile,
         refresh_metrics_interval=args.refresh_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold,
         pool_file_poll_interval=args.pool_file_poll_interval,
@@ -116,6 +123,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log_level=args.log_level,
         log_format=args.log_format,
     )
+
+
+def _check_scheduling(settings: Settings) -> None:
+    """Fail at start, with exit code 2, on a bad profile name or config file."""
+    from epp.scheduling import builtin_config, load_config_file
+    from epp.scheduling.profile import build_profile
+
+    config = (
+        load_config_file(settings.config_file) if settings.config_file else builtin_config(settings.scheduling_profile)
+    )
+    build_profile(config, random.Random(), settings.config_file or settings.scheduling_profile)
 
 
 def _serve(settings: Settings) -> int:
@@ -179,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return _serve(settings_from(args))
+            settings = settings_from(args)
+            _check_scheduling(settings)
+            return _serve(settings)
         if args.command == "envoy-config":
             return _envoy_config(args)
         if args.command == "demo":

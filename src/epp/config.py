@@ -195,6 +195,7 @@ class Settings:
     secure_serving: bool = True
     cert_path: str | None = None
     config_file: str | None = None
+    scheduling_profile: str = "epp-default"
     refresh_metrics_interval: float = 0.05
     metrics_staleness_threshold: float = 2.0
     pool_file_poll_interval: float = 1.0

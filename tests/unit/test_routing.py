@@ -10,7 +10,7 @@ from epp.datalayer import Datastore
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, TargetModel
 from epp.errors import ModelNotFound, NoEndpoints
 from epp.routing import Router, choose_target, filter_subset, parse_subset
-from epp.scheduling import LeastInflightScheduler
+from epp.scheduling import build_scheduler
 
 EPS = [Endpoint("10.0.0.1:8000", "a"), Endpoint("10.0.0.1:8001", "b"), Endpoint("10.0.0.2:8000", "c")]
 
@@ -55,7 +55,8 @@ def test_zero_weights_are_uniform_and_no_targets_is_none():
 def make_router(policies=None, endpoints=EPS):
     store = Datastore("p")
     store.set_pool(endpoints, policies=policies)
-    return Router(store, LeastInflightScheduler(store, random.Random(3)), max_fallbacks=1), store
+    return Router(store, build_scheduler("least-inflight", store, rng=random.Random(3), max_endpoints=2),
+                  max_fallbacks=1), store
 
 
 def test_model_policy_rewrites_body_and_sets_criticality():

@@ -127,6 +127,10 @@ class Datastore:
         """Requests in flight per address (absent = 0); read-only view for schedulers."""
         return self._requests
 
+    def inflight_token_counts(self) -> Mapping[str, int]:
+        """Estimated prompt tokens in flight per address (absent = 0)."""
+        return self._tokens
+
     def inflight_tokens(self, address: str) -> int:
         return self._tokens.get(address, 0)
 

@@ -121,7 +121,22 @@ class EppMetrics:
             ["name", "model_server_pod", "reason"],
             registry=r,
         )
+        self.plugin_duration = Histogram(
+            "inference_extension_plugin_duration_seconds",
+            "Time spent in one scheduling plugin.",
+            ["extension_point", "plugin_type", "plugin_name"],
+            buckets=_SCHEDULER_BUCKETS,
+            registry=r,
+        )
+        self._plugin_series: dict[tuple[str, str, str], Any] = {}
         self._series: dict[tuple[str, str], ModelSeries] = {}
+
+    def observe_plugin(self, extension_point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
+        key = (extension_point, plugin_type, plugin_name)
+        child = self._plugin_series.get(key)
+        if child is None:
+            child = self._plugin_series[key] = self.plugin_duration.labels(*key)
+        child.observe(seconds)
 
     def series(self, model: str, target: str) -> ModelSeries:
         """Children for one model pair; cached because ``labels()`` costs a lock and a dict walk."""

@@ -1,0 +1,149 @@
+"""Scorers: one score in 0..1 per candidate, higher is better.
+
+Reference formulas (Go EPP) where the type name is shared; ``inflight-load-scorer``
+and the affinity guard are epp's own.  Missing or stale metrics score as worst.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from epp.domain import InferenceRequest
+from epp.scheduling.base import Candidates, min_max_low_is_best
+
+_UNKNOWN_QUEUE = 1 << 20  # a stale endpoint's queue: worse than any real one
+
+
+@dataclass
+class QueueScorer:
+    """``(maxQ - q) / (maxQ - minQ)`` over the candidates' waiting queues."""
+
+    name: str = "queue-scorer"
+    type: str = "queue-scorer"
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        return min_max_low_is_best([m.waiting if m else _UNKNOWN_QUEUE for m in c.metrics])
+
+
+@dataclass
+class RunningRequestsScorer:
+    """The same min-max formula on running requests."""
+
+    name: str = "running-requests-size-scorer"
+    type: str = "running-requests-size-scorer"
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        return min_max_low_is_best([m.running if m else _UNKNOWN_QUEUE for m in c.metrics])
+
+
+@dataclass
+class KvCacheScorer:
+    """``1 - kv_cache_usage``."""
+
+    name: str = "kv-cache-utilization-scorer"
+    type: str = "kv-cache-utilization-scorer"
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        return [1.0 - m.kv_usage if m else 0.0 for m in c.metrics]
+
+
+@dataclass
+class LoraAffinityScorer:
+    """Adapter active 1.0 > free adapter slot 0.8 > adapter waiting 0.6 > none 0.
+
+    A request for the base model (the target is no adapter any candidate reports and
+    the endpoint has no LoRA slots in use) scores 1.0 everywhere: nothing to prefer.
+    """
+
+    name: str = "lora-affinity-scorer"
+    type: str = "lora-affinity-scorer"
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        target = request.target_model
+        out = []
+        for m in c.metrics:
+            if m is None:
+                out.append(0.0)
+            elif target in m.active_adapters:
+                out.append(1.0)
+            elif m.max_lora and len(m.active_adapters) + len(m.waiting_adapters) < m.max_lora:
+                out.append(0.8)
+            elif target in m.waiting_adapters:
+                out.append(0.6)
+            else:
+                out.append(0.0)
+        return out
+
+
+@dataclass
+class PrefixCacheScorer:
+    """Fraction of the prompt's leading blocks the endpoint is believed to hold."""
+
+    name: str = "prefix-cache-scorer"
+    type: str = "prefix-cache-scorer"
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        return list(c.prefix_match)
+
+
+@dataclass
+class InflightLoadScorer:
+    """epp's own view of load, exact between scrapes: requests and prompt tokens it has
+    sent to each endpoint and not yet seen finish.
+
+    ``load = inflight_requests + inflight_tokens / tokens_per_request`` combines both (a
+    6k-token prompt weighs like several short ones), then min-max, low is best.  With
+    several epp replicas each sees only its share, which is why the default profile
+    also weighs the scraped queue.
+    """
+
+    name: str = "inflight-load-scorer"
+    type: str = "inflight-load-scorer"
+    tokens_per_request: float = 2048.0
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        per = self.tokens_per_request
+        return min_max_low_is_best([r + t / per for r, t in zip(c.inflight, c.inflight_tokens, strict=True)])
+
+
+def load_of(c: Candidates, tokens_per_request: float = 2048.0) -> list[float]:
+    """The load measure the affinity guard uses (same as the inflight-load scorer's)."""
+    return [r + t / tokens_per_request for r, t in zip(c.inflight, c.inflight_tokens, strict=True)]
+
+
+@dataclass
+class GuardedAffinityScorer:
+    """Wraps an affinity scorer (prefix, LoRA) so it cannot pile work onto a hot endpoint.
+
+    An endpoint whose load exceeds the least-loaded candidate's by more than
+    ``max_extra_load`` gets its affinity score scaled down linearly to 0 at twice
+    that margin: affinity decides between comparably loaded endpoints but never
+    overrides a large imbalance, the hot-spotting users report with cache-aware routers.
+    """
+
+    inner: PrefixCacheScorer | LoraAffinityScorer
+    max_extra_load: float = 4.0
+    name: str = ""
+    type: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.inner.name
+        self.type = self.type or self.inner.type
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        raw = self.inner.score(request, c)
+        load = load_of(c)
+        floor = min(load) if load else 0.0
+        cap = self.max_extra_load
+        if cap <= 0:
+            return raw
+        out = []
+        for s, ld in zip(raw, load, strict=True):
+            extra = ld - floor - cap
+            out.append(s if extra <= 0 else s * max(0.0, 1.0 - extra / cap))
+        return out
+
+
+def clamp(scores: Sequence[float]) -> list[float]:
+    return [0.0 if s < 0 else 1.0 if s > 1 else s for s in scores]
