@@ -123,11 +123,19 @@ class ModelSpec(_Strict):
         )
 
 
+class ObjectiveSpec(_Strict):
+    """InferenceObjective: selected per request by name in ``x-gateway-inference-objective``."""
+
+    name: str = Field(min_length=1)
+    priority: int = 0
+
+
 class PoolFile(_Strict):
-    """The static pool file: one pool, optional models, optional mirror (shadow) pool."""
+    """The static pool file: one pool, optional models, objectives and mirror (shadow) pool."""
 
     pool: PoolSpec
     models: list[ModelSpec] | None = None
+    objectives: list[ObjectiveSpec] = Field(default_factory=list)
     mirror: PoolSpec | None = None
 
     @field_validator("models")
@@ -139,6 +147,9 @@ class PoolFile(_Strict):
             if dup:
                 raise ValueError(f"duplicate modelName {sorted(dup)[0]}")
         return v
+
+    def objective_priorities(self) -> dict[str, int]:
+        return {o.name: o.priority for o in self.objectives}
 
     def policies(self) -> dict[str, ModelPolicy] | None:
         if self.models is None:

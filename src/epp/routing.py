@@ -13,17 +13,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from epp.domain import Endpoint, InferenceRequest, ModelPolicy, Pick, TargetModel
+from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, Pick, TargetModel
 from epp.errors import ModelNotFound, NoEndpoints
 from epp.openai import rewrite_model
 from epp.scheduling import Scheduler
 
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
 
 
 class PoolView(Protocol):
     def endpoints(self) -> tuple[Endpoint, ...]: ...
     def policies(self) -> Mapping[str, ModelPolicy] | None: ...
+    def objective_priority(self, name: str) -> int | None: ...
 
 
 def parse_subset(value: Any) -> tuple[str, ...] | None:
@@ -98,6 +100,15 @@ class Router:
                 raise ModelNotFound(f"model {request.model!r} is not served by this pool")
             target = choose_target(policy.targets, self._rng) or request.model
             criticality = policy.criticality
+        objective = request.headers.get(OBJECTIVE_HEADER)
+        if objective:
+            # InferenceObjective priority: < 0 is sheddable, > 0 critical, 0 standard
+            priority = self._pool.objective_priority(objective)
+            if priority is not None:
+                criticality = (
+                    Criticality.SHEDDABLE if priority < 0 else Criticality.CRITICAL if priority > 0
+                    else Criticality.STANDARD
+                )
         target = request.headers.get(MODEL_REWRITE_HEADER) or target
         if target == request.target_model and criticality is request.criticality:
             return request

@@ -57,6 +57,7 @@ class Datastore:
         self._requests: dict[str, int] = {}  # only endpoints with requests in flight
         self._tokens: dict[str, int] = {}
         self._policies: Mapping[str, ModelPolicy] | None = None
+        self._objectives: dict[str, int] = {}
         self.synced = False
         self._listeners: list[Callable[[], None]] = []
 
@@ -66,6 +67,7 @@ class Datastore:
         endpoints: Iterable[Endpoint],
         *,
         policies: Mapping[str, ModelPolicy] | None = None,
+        objectives: Mapping[str, int] | None = None,
         mirror: Iterable[Endpoint] = (),
         pool_name: str | None = None,
         mirror_name: str = "",
@@ -75,6 +77,7 @@ class Datastore:
         self._endpoints = tuple(endpoints)
         self._mirror = tuple(mirror)
         self._policies = dict(policies) if policies is not None else None
+        self._objectives = dict(objectives or {})
         if pool_name is not None:
             self.pool_name = pool_name
         self.mirror_name = mirror_name
@@ -101,6 +104,9 @@ class Datastore:
 
     def policies(self) -> Mapping[str, ModelPolicy] | None:
         return self._policies
+
+    def objective_priority(self, name: str) -> int | None:
+        return self._objectives.get(name)
 
     # ---- metrics ---------------------------------------------------------------------
     def set_metrics(self, address: str, metrics: EndpointMetrics) -> None:

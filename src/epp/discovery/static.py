@@ -23,6 +23,7 @@ def apply_pool_file(store: Datastore, pool_file: PoolFile) -> None:
     store.set_pool(
         pool_file.pool.endpoint_list(),
         policies=pool_file.policies(),
+        objectives=pool_file.objective_priorities(),
         mirror=pool_file.mirror.endpoint_list() if pool_file.mirror else (),
         pool_name=pool_file.pool.name,
         mirror_name=pool_file.mirror.name if pool_file.mirror else "",

@@ -23,12 +23,15 @@ class MaxScorePicker:
         n = len(scores)
         if n == 0:
             return []
-        # a random rotation then a stable selection: uniform among equal scores, one draw per decision
-        off = self.rng.randrange(n)
-        order = itertools.chain(range(off, n), range(off))
+        best = max(scores)
+        ties = [i for i, s in enumerate(scores) if s == best]
+        primary = ties[0] if len(ties) == 1 else self.rng.choice(ties)  # uniform among the best
         if k == 1:
-            return [max(order, key=scores.__getitem__)]
-        return heapq.nlargest(k, order, key=scores.__getitem__)
+            return [primary]
+        # fallbacks: the next best, ties in a randomly rotated order (one draw, not one per endpoint)
+        off = self.rng.randrange(n)
+        rest = (i for i in itertools.chain(range(off, n), range(off)) if i != primary)
+        return [primary, *heapq.nlargest(k - 1, rest, key=scores.__getitem__)]
 
 
 @dataclass

@@ -123,7 +123,11 @@ PLUGINS: dict[str, tuple[str, Constructor]] = {
     "prefix-cache-scorer": ("scorer", lambda n, p, r: _guarded(PrefixCacheScorer(name=n), p)),
     "inflight-load-scorer": (
         "scorer",
-        lambda n, p, r: InflightLoadScorer(name=n, tokens_per_request=_num(p, "tokensPerRequest", 2048.0, minimum=1.0)),
+        lambda n, p, r: InflightLoadScorer(
+            name=n,
+            tokens_per_request=_num(p, "tokensPerRequest", 2048.0, minimum=1.0),
+            load_scale=_num(p, "loadScale", 8.0, minimum=1e-9),
+        ),
     ),
     "max-score-picker": ("picker", lambda n, p, r: MaxScorePicker(name=n, rng=r)),
     "random-picker": ("picker", lambda n, p, r: RandomPicker(name=n, rng=r)),
@@ -258,7 +262,7 @@ schedulingProfiles:
 """,
     "least-inflight": """
 plugins:
-- {type: inflight-load-scorer, parameters: {tokensPerRequest: 1000000000000}}
+- {type: inflight-load-scorer, parameters: {tokensPerRequest: 1000000000000, loadScale: 0.000001}}
 - {type: max-score-picker}
 """,
     "random": """

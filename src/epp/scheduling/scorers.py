@@ -92,8 +92,11 @@ class InflightLoadScorer:
     """epp's own view of load, exact between scrapes: requests and prompt tokens it has
     sent to each endpoint and not yet seen finish.
 
-    ``load = inflight_requests + inflight_tokens / tokens_per_request`` combines both (a
-    6k-token prompt weighs like several short ones), then min-max, low is best.  With
+    ``load = inflight_requests + inflight_tokens / tokens_per_request`` (a 6k-token
+    prompt weighs like several short ones); ``score = 1 - (load - min_load) / load_scale``,
+    floored at 0.  An absolute scale, not min-max: one extra request costs
+    ``1/load_scale`` of the weight, so affinity can still outweigh a small imbalance
+    (min-max would make a one-request difference as decisive as a hundred).  With
     several epp replicas each sees only its share, which is why the default profile
     also weighs the scraped queue.
     """
@@ -101,10 +104,14 @@ class InflightLoadScorer:
     name: str = "inflight-load-scorer"
     type: str = "inflight-load-scorer"
     tokens_per_request: float = 2048.0
+    load_scale: float = 8.0
 
     def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
-        per = self.tokens_per_request
-        return min_max_low_is_best([r + t / per for r, t in zip(c.inflight, c.inflight_tokens, strict=True)])
+        load = load_of(c, self.tokens_per_request)
+        if not load:
+            return []
+        floor, scale = min(load), self.load_scale
+        return [max(0.0, 1.0 - (ld - floor) / scale) for ld in load]
 
 
 def load_of(c: Candidates, tokens_per_request: float = 2048.0) -> list[float]:
