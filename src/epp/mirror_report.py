@@ -45,7 +45,9 @@ def parse_pod(text: str) -> PodSnapshot:
         for s in family.samples:
             if s.name == "vllm:request_success_total":
                 snap.finished += s.value
-                if s.labels.get("finished_reason") in ERROR_REASONS:
+                # vLLM labels it finished_reason; llm-d-inference-sim finish_reason
+                reason = s.labels.get("finished_reason", s.labels.get("finish_reason"))
+                if reason in ERROR_REASONS:
                     snap.errors += s.value
             elif s.name == "vllm:generation_tokens_total":
                 snap.output_tokens += s.value

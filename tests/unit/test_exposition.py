@@ -119,3 +119,16 @@ def test_missing_core_gauge_is_an_error_and_nan_kv_is_worst():
         "vllm:num_requests_running 1\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc NaN\n", ENGINES["vllm"], 0
     )
     assert m.kv_usage == 1.0
+
+
+def test_lora_series_tied_on_whole_second_timestamps_are_united():
+    text = (
+        'vllm:num_requests_running 1\nvllm:num_requests_waiting 0\nvllm:kv_cache_usage_perc 0.1\n'
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""} 1.795633896e+09\n'
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="tweet-summary",waiting_lora_adapters=""} '
+        '1.7956339e+09\n'
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="tweet-summary,sql-lora",'
+        'waiting_lora_adapters="sql-lora"} 1.7956339e+09\n'
+    )
+    m = parse_metrics(text, ENGINES["vllm"], now=0)
+    assert m.active_adapters == {"tweet-summary", "sql-lora"} and m.waiting_adapters == {"sql-lora"}

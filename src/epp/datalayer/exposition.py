@@ -159,11 +159,16 @@ def parse_metrics(text: str, mapping: EngineMapping, now: float) -> EndpointMetr
     max_lora = 0
     if mapping.lora_info is not None:
         series = extract(text, (mapping.lora_info.name,)).get(mapping.lora_info.name)
-        if series:  # the newest state is the series with the largest value (a timestamp)
-            labels, _ = max(series, key=lambda s: s[1])
-            active = _adapters(labels.get("running_lora_adapters", ""))
-            pending = _adapters(labels.get("waiting_lora_adapters", ""))
-            max_lora = _int(labels.get("max_lora"))
+        if series:
+            # The newest state is the series with the largest value (a timestamp).  Servers
+            # with whole-second timestamps (llm-d-inference-sim) tie within a second; then
+            # the union of the tied states is the best guess of what the pod may hold.
+            newest = max(v for _, v in series)
+            for labels, value in series:
+                if value == newest:
+                    active |= _adapters(labels.get("running_lora_adapters", ""))
+                    pending |= _adapters(labels.get("waiting_lora_adapters", ""))
+                    max_lora = max(max_lora, _int(labels.get("max_lora")))
     block_size = num_blocks = 0
     if mapping.cache_info is not None:
         lines = _lines(text, mapping.cache_info.name)
