@@ -44,3 +44,20 @@ def test_change_listeners_and_synced():
     assert not store.synced
     store.set_pool([A], pool_name="p")
     assert store.synced and calls == [1] and store.pool_name == "p"
+
+
+def test_unseen_load_counts_requests_sent_since_the_last_scrape():
+    from epp.domain import EndpointMetrics
+
+    store = Datastore("p")
+    store.set_pool([A, B])
+    early = store.acquire(A, tokens=10)
+    assert store.unseen_counts() == {A.address: 1} and store.unseen_token_counts() == {A.address: 10}
+    store.set_metrics(A.address, EndpointMetrics(waiting=1))  # the scrape now shows it
+    assert store.unseen_counts() == {}
+    late = store.acquire(A, tokens=5)
+    assert store.unseen_counts() == {A.address: 1}
+    early.release()  # seen by the scrape: not in the unseen count
+    assert store.unseen_counts() == {A.address: 1}
+    late.release()  # finished before any scrape saw it
+    assert store.unseen_counts() == {} and store.total_inflight() == 0

@@ -19,6 +19,7 @@ from epp.scheduling.prefix import PrefixIndex, block_hashes
 from epp.scheduling.profile import build_profile
 from epp.scheduling.saturation import UtilizationDetector
 from epp.scheduling.scorers import (
+    EstimatedQueueScorer,
     GuardedAffinityScorer,
     InflightLoadScorer,
     KvCacheScorer,
@@ -42,9 +43,10 @@ def m(waiting=0, running=0, kv=0.0, active=(), pending=(), max_lora=4, blocks=10
                            num_blocks=blocks, updated_at=NOW)
 
 
-def cands(metrics, inflight=None, tokens=None, prefix=None) -> Candidates:
+def cands(metrics, inflight=None, tokens=None, prefix=None, unseen=None) -> Candidates:
     n = len(metrics)
-    return Candidates(EPS[:n], metrics, inflight or [0] * n, tokens or [0] * n, prefix or [0.0] * n)
+    return Candidates(EPS[:n], metrics, inflight or [0] * n, tokens or [0] * n, prefix or [0.0] * n,
+                      unseen or [0] * n, [0] * n)
 
 
 def test_exports_are_sorted_and_complete():
@@ -80,10 +82,18 @@ def test_inflight_load_counts_requests_and_tokens():
 
 
 def test_affinity_guard_scales_down_hot_endpoints():
-    c = cands([m()] * 3, inflight=[0, 5, 12], prefix=[1.0, 1.0, 1.0])
+    # estimated queues: scraped waiting + requests sent since the scrape
+    c = cands([m(waiting=0), m(waiting=3), m(waiting=2), m(waiting=0, kv=0.97)], unseen=[0, 2, 10, 0],
+              prefix=[1.0, 1.0, 1.0, 1.0])
     guarded = GuardedAffinityScorer(PrefixCacheScorer(), max_extra_load=4)
-    # load 5 is 1 over the cap of 4 above the floor → scaled to 0.75; load 12 is past twice the cap → 0
-    assert guarded.score(req(), c) == pytest.approx([1.0, 0.75, 0.0])
+    # queue 5 is 1 over the cap of 4 above the floor → 0.75; 12 is past twice the cap → 0; a full KV cache halves
+    assert guarded.score(req(), c) == pytest.approx([1.0, 0.75, 0.0, 0.5])
+
+
+def test_estimated_queue_adds_what_was_sent_since_the_scrape():
+    c = cands([m(waiting=1), m(waiting=1), None], inflight=[3, 0, 6], unseen=[2, 0, 0])
+    # queues 1 + 2 = 3, 1, and (no fresh metrics) everything in flight: 6
+    assert EstimatedQueueScorer(queue_scale=4).score(req(), c) == pytest.approx([0.5, 1.0, 0.0])
 
 
 def test_block_hashes_chain_and_depend_on_model():

@@ -18,28 +18,29 @@ from epp.domain import Endpoint, EndpointMetrics, ModelPolicy
 class InflightTicket:
     """One request's claim on an endpoint; released exactly once."""
 
-    __slots__ = ("_store", "address", "released", "tokens")
+    __slots__ = ("_store", "address", "epoch", "released", "tokens")
 
     def __init__(self, store: Datastore, address: str, tokens: int) -> None:
         self._store = store
         self.address = address
         self.tokens = tokens
         self.released = False
+        self.epoch = store._add(address, tokens)
 
     def move_to(self, address: str) -> None:
         """Account the request to another endpoint (Envoy served a fallback)."""
         if self.released or address == self.address:
             return
-        self._store._sub(self.address, self.tokens)
+        self._store._sub(self.address, self.tokens, self.epoch)
         self.address = address
-        self._store._add(address, self.tokens)
+        self.epoch = self._store._add(address, self.tokens)
 
     def release(self) -> bool:
         """Remove this request's load; returns False if it was already released."""
         if self.released:
             return False
         self.released = True
-        self._store._sub(self.address, self.tokens)
+        self._store._sub(self.address, self.tokens, self.epoch)
         return True
 
 
@@ -56,6 +57,10 @@ class Datastore:
         self._metrics: dict[str, EndpointMetrics] = {}
         self._requests: dict[str, int] = {}  # only endpoints with requests in flight
         self._tokens: dict[str, int] = {}
+        # requests (and tokens) sent since the endpoint's last scrape: load its gauges cannot show yet
+        self._unseen: dict[str, int] = {}
+        self._unseen_tokens: dict[str, int] = {}
+        self._epoch: dict[str, int] = {}
         self._policies: Mapping[str, ModelPolicy] | None = None
         self._objectives: dict[str, int] = {}
         self.synced = False
@@ -112,6 +117,10 @@ class Datastore:
     def set_metrics(self, address: str, metrics: EndpointMetrics) -> None:
         if address in self._by_address:
             self._metrics[address] = metrics
+            # a new scrape shows everything sent before it: start counting unseen load anew
+            self._epoch[address] = self._epoch.get(address, 0) + 1
+            self._unseen.pop(address, None)
+            self._unseen_tokens.pop(address, None)
 
     def metrics(self, address: str) -> EndpointMetrics | None:
         return self._metrics.get(address)
@@ -123,7 +132,6 @@ class Datastore:
 
     # ---- own load ----------------------------------------------------------------------
     def acquire(self, endpoint: Endpoint, tokens: int = 0) -> InflightTicket:
-        self._add(endpoint.address, tokens)
         return InflightTicket(self, endpoint.address, tokens)
 
     def inflight(self, address: str) -> int:
@@ -132,6 +140,13 @@ class Datastore:
     def inflight_counts(self) -> Mapping[str, int]:
         """Requests in flight per address (absent = 0); read-only view for schedulers."""
         return self._requests
+
+    def unseen_counts(self) -> Mapping[str, int]:
+        """Requests in flight sent after the endpoint's last scrape (absent = 0)."""
+        return self._unseen
+
+    def unseen_token_counts(self) -> Mapping[str, int]:
+        return self._unseen_tokens
 
     def inflight_token_counts(self) -> Mapping[str, int]:
         """Estimated prompt tokens in flight per address (absent = 0)."""
@@ -143,11 +158,22 @@ class Datastore:
     def total_inflight(self) -> int:
         return sum(self._requests.values())
 
-    def _add(self, address: str, tokens: int) -> None:
+    def _add(self, address: str, tokens: int) -> int:
         self._requests[address] = self._requests.get(address, 0) + 1
         self._tokens[address] = self._tokens.get(address, 0) + tokens
+        self._unseen[address] = self._unseen.get(address, 0) + 1
+        self._unseen_tokens[address] = self._unseen_tokens.get(address, 0) + tokens
+        return self._epoch.get(address, 0)
 
-    def _sub(self, address: str, tokens: int) -> None:
+    def _sub(self, address: str, tokens: int, epoch: int) -> None:
+        if epoch == self._epoch.get(address, 0) and address in self._unseen:  # finished before any scrape saw it
+            left_unseen = self._unseen[address] - 1
+            if left_unseen:
+                self._unseen[address] = left_unseen
+                self._unseen_tokens[address] -= tokens
+            else:
+                del self._unseen[address]
+                del self._unseen_tokens[address]
         left = self._requests[address] - 1
         if left:
             self._requests[address] = left

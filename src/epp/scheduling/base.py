@@ -28,6 +28,8 @@ class Candidates:
     inflight: Sequence[int]
     inflight_tokens: Sequence[int]
     prefix_match: Sequence[float]  # fraction of the prompt's leading blocks the endpoint is believed to hold
+    unseen: Sequence[int] = ()  # requests sent since the endpoint's last scrape (its gauges lag them)
+    unseen_tokens: Sequence[int] = ()
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -39,6 +41,8 @@ class Candidates:
             inflight=[self.inflight[i] for i in keep],
             inflight_tokens=[self.inflight_tokens[i] for i in keep],
             prefix_match=[self.prefix_match[i] for i in keep],
+            unseen=[self.unseen[i] for i in keep] if self.unseen else (),
+            unseen_tokens=[self.unseen_tokens[i] for i in keep] if self.unseen_tokens else (),
         )
 
 

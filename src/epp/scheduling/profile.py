@@ -37,6 +37,7 @@ from epp.scheduling.base import Filter, Picker, Scorer
 from epp.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker
 from epp.scheduling.saturation import UtilizationDetector
 from epp.scheduling.scorers import (
+    EstimatedQueueScorer,
     GuardedAffinityScorer,
     InflightLoadScorer,
     KvCacheScorer,
@@ -127,6 +128,14 @@ PLUGINS: dict[str, tuple[str, Constructor]] = {
             name=n,
             tokens_per_request=_num(p, "tokensPerRequest", 2048.0, minimum=1.0),
             load_scale=_num(p, "loadScale", 8.0, minimum=1e-9),
+        ),
+    ),
+    "estimated-queue-scorer": (
+        "scorer",
+        lambda n, p, r: EstimatedQueueScorer(
+            name=n,
+            tokens_per_request=_num(p, "tokensPerRequest", 2048.0, minimum=1.0),
+            queue_scale=_num(p, "queueScale", 4.0, minimum=1e-9),
         ),
     ),
     "max-score-picker": ("picker", lambda n, p, r: MaxScorePicker(name=n, rng=r)),

@@ -28,6 +28,8 @@ class SchedulingView(Protocol):
     def metrics(self, address: str) -> EndpointMetrics | None: ...
     def inflight_counts(self) -> Mapping[str, int]: ...
     def inflight_token_counts(self) -> Mapping[str, int]: ...
+    def unseen_counts(self) -> Mapping[str, int]: ...
+    def unseen_token_counts(self) -> Mapping[str, int]: ...
 
 
 class Scheduler:
@@ -77,12 +79,16 @@ class Scheduler:
             match = index.match(hashes, addresses)
         else:
             match = [0.0] * len(endpoints)
+        unseen = self._view.unseen_counts()
+        unseen_tokens = self._view.unseen_token_counts()
         c = Candidates(
             endpoints=endpoints,
             metrics=metrics,
             inflight=[counts.get(a, 0) for a in addresses],
             inflight_tokens=[tokens.get(a, 0) for a in addresses],
             prefix_match=match,
+            unseen=[unseen.get(a, 0) for a in addresses],
+            unseen_tokens=[unseen_tokens.get(a, 0) for a in addresses],
         )
         return c, hashes
 

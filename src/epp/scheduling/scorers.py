@@ -115,22 +115,63 @@ class InflightLoadScorer:
 
 
 def load_of(c: Candidates, tokens_per_request: float = 2048.0) -> list[float]:
-    """The load measure the affinity guard uses (same as the inflight-load scorer's)."""
+    """All of epp's in-flight work per endpoint, in request units."""
     return [r + t / tokens_per_request for r, t in zip(c.inflight, c.inflight_tokens, strict=True)]
+
+
+def estimated_queue(c: Candidates, tokens_per_request: float = 2048.0) -> list[float]:
+    """The waiting queue as it probably is now: the last scrape's, plus what epp sent since.
+
+    Without fresh metrics, everything epp has in flight there counts as queued.
+    """
+    unseen = c.unseen or [0] * len(c)
+    unseen_tokens = c.unseen_tokens or [0] * len(c)
+    out = []
+    for m, r, t, u, ut in zip(c.metrics, c.inflight, c.inflight_tokens, unseen, unseen_tokens, strict=True):
+        if m is None:
+            out.append(r + t / tokens_per_request)
+        else:
+            out.append(m.waiting + u + ut / tokens_per_request)
+    return out
+
+
+@dataclass
+class EstimatedQueueScorer:
+    """Anti-herding queue score: ``1 - (q - min_q) / queue_scale`` on the estimated queue.
+
+    Scraped gauges lag by up to one scrape interval; a burst between two scrapes would
+    all see the same "shortest" queue.  Adding the requests (and prompt tokens) epp sent
+    since each endpoint's last scrape closes that gap.  The absolute scale keeps one
+    queued request worth ``1/queue_scale`` of the weight, comparable across loads.
+    """
+
+    name: str = "estimated-queue-scorer"
+    type: str = "estimated-queue-scorer"
+    tokens_per_request: float = 2048.0
+    queue_scale: float = 4.0
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        q = estimated_queue(c, self.tokens_per_request)
+        if not q:
+            return []
+        floor, scale = min(q), self.queue_scale
+        return [max(0.0, 1.0 - (x - floor) / scale) for x in q]
 
 
 @dataclass
 class GuardedAffinityScorer:
     """Wraps an affinity scorer (prefix, LoRA) so it cannot pile work onto a hot endpoint.
 
-    An endpoint whose load exceeds the least-loaded candidate's by more than
-    ``max_extra_load`` gets its affinity score scaled down linearly to 0 at twice
-    that margin: affinity decides between comparably loaded endpoints but never
-    overrides a large imbalance, the hot-spotting users report with cache-aware routers.
+    An endpoint whose estimated queue exceeds the shortest candidate queue by more than
+    ``max_extra_load`` gets its affinity score scaled down linearly, to 0 at twice that
+    margin; one whose KV cache is nearly full (``kv_limit``) too, since more work there
+    means preemptions.  Affinity decides between comparably loaded endpoints but never
+    overrides a large imbalance: the hot-spotting users report with cache-aware routers.
     """
 
     inner: PrefixCacheScorer | LoraAffinityScorer
     max_extra_load: float = 4.0
+    kv_limit: float = 0.95
     name: str = ""
     type: str = ""
 
@@ -140,15 +181,18 @@ class GuardedAffinityScorer:
 
     def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
         raw = self.inner.score(request, c)
-        load = load_of(c)
-        floor = min(load) if load else 0.0
         cap = self.max_extra_load
-        if cap <= 0:
+        if cap <= 0 or not raw:
             return raw
+        q = estimated_queue(c)
+        floor = min(q)
         out = []
-        for s, ld in zip(raw, load, strict=True):
-            extra = ld - floor - cap
-            out.append(s if extra <= 0 else s * max(0.0, 1.0 - extra / cap))
+        for s, x, m in zip(raw, q, c.metrics, strict=True):
+            extra = x - floor - cap
+            v = s * max(0.0, 1.0 - extra / cap) if extra > 0 else s
+            if m is not None and m.kv_usage >= self.kv_limit:
+                v *= 0.5
+            out.append(v)
         return out
 
 
