@@ -234,8 +234,12 @@ def load_config_file(path: str) -> EndpointPickerConfig:
     return parse_config(text, path)
 
 
-# Built-in profiles, by name.  epp-default's weights are the benchmark's winner: see
-# benchmarks/README.md for the runs behind them.
+# Built-in profiles, by name.  epp-default's weights won the routing-quality benchmark
+# (benchmarks/README.md): the estimated queue (scraped waiting + what epp sent since the
+# scrape) keeps bursts from herding; prefix affinity, weighted highest because a 2-6k
+# token prefix hit saves most of a request's prefill, is cut back once an endpoint's
+# queue is 4 requests above the shortest, so affinity never hot-spots; LoRA affinity
+# keeps adapters from thrashing slots; KV use breaks the remaining ties.
 BUILTIN: dict[str, str] = {
     "gie-default": """
 plugins:
@@ -253,8 +257,7 @@ schedulingProfiles:
 """,
     "epp-default": """
 plugins:
-- {type: inflight-load-scorer, parameters: {tokensPerRequest: 2048}}
-- {type: queue-scorer}
+- {type: estimated-queue-scorer, parameters: {queueScale: 4}}
 - {type: kv-cache-utilization-scorer}
 - {type: prefix-cache-scorer, parameters: {affinityMaxExtraLoad: 4}}
 - {type: lora-affinity-scorer, parameters: {affinityMaxExtraLoad: 4}}
@@ -262,10 +265,9 @@ plugins:
 schedulingProfiles:
 - name: default
   plugins:
-  - {pluginRef: inflight-load-scorer, weight: 3}
-  - {pluginRef: queue-scorer, weight: 1}
+  - {pluginRef: estimated-queue-scorer, weight: 2}
   - {pluginRef: kv-cache-utilization-scorer, weight: 1}
-  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: prefix-cache-scorer, weight: 5}
   - {pluginRef: lora-affinity-scorer, weight: 1}
   - {pluginRef: max-score-picker}
 """,
