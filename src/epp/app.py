@@ -60,6 +60,7 @@ class App:
             max_fallbacks=settings.max_fallback_endpoints,
             rng=rng,
             observe_schedule=self.metrics.scheduler_e2e.observe,
+            staleness=settings.metrics_staleness_threshold,
         )
         self.metrics.registry.register(PoolCollector(self._pool_snapshot))
         interval = settings.refresh_metrics_interval

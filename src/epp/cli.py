@@ -74,6 +74,12 @@ def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--body-mode", choices=["full-duplex", "buffered"], default="full-duplex")
     p.add_argument("--lb", choices=["original-dst", "override-host"], default="override-host")
     p.add_argument("--epp-tls", action="store_true", help="connect to epp over TLS (no verification)")
+    p.add_argument(
+        "--mirror-lb",
+        choices=["load-aware", "plain"],
+        default="load-aware",
+        help="shadow cluster: epp's x-gateway-mirror-endpoint pick, or plain round-robin",
+    )
     p.add_argument("--access-log", default=None, help="access log path (default stdout)")
     p.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
 
@@ -89,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=30, help="burst size after the scenario's request")
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--keep", action="store_true", help="keep logs and configs")
+    p.add_argument(
+        "--mirror",
+        choices=["load-aware", "plain"],
+        default="load-aware",
+        help="how mirrored copies are balanced over the shadow pool",
+    )
     p = sub.add_parser("mirror-report", help="primary vs shadow pool, side by side, from the pods' /metrics")
     p.add_argument("--primary", nargs="+", required=True, metavar="URL", help="primary pods, e.g. http://10.0.0.5:8000")
     p.add_argument("--shadow", nargs="+", required=True, metavar="URL")
@@ -165,6 +177,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
             lb=args.lb,
             epp_tls=args.epp_tls,
             access_log_path=args.access_log,
+            mirror_lb=args.mirror_lb,
         )
     )
     if args.output == "-":
@@ -180,7 +193,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     from epp.demo import run_demo
 
-    return uvloop.run(run_demo(requests=args.requests, concurrency=args.concurrency, keep=args.keep))
+    return uvloop.run(
+        run_demo(requests=args.requests, concurrency=args.concurrency, keep=args.keep, mirror=args.mirror)
+    )
 
 
 def _mirror_report(args: argparse.Namespace) -> int:

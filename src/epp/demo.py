@@ -31,7 +31,7 @@ import orjson
 import yaml
 
 from epp.config import load_pool_file
-from epp.envoy.config import render_bootstrap
+from epp.envoy.config import MirrorMode, render_bootstrap
 from epp.envoy.process import EnvoyProcess
 from epp.mirror_report import PodSnapshot, pool_report, render_table, snapshot
 
@@ -67,9 +67,18 @@ def _tool(name: str) -> str:
 
 class Demo:
     def __init__(
-        self, *, requests: int, concurrency: int, out: TextIO, workdir: Path, keep: bool = False, seed: int = 1
+        self,
+        *,
+        requests: int,
+        concurrency: int,
+        out: TextIO,
+        workdir: Path,
+        keep: bool = False,
+        seed: int = 1,
+        mirror: MirrorMode = "load-aware",
     ) -> None:
         self.keep = keep
+        self.mirror: MirrorMode = mirror
         self.requests = requests
         self.concurrency = concurrency
         self.out = out
@@ -108,10 +117,12 @@ class Demo:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.05)  # a child's startup output: poll its log briefly
 
-    async def start_pods(self, name: str, pods: int, profile: str, seed: int) -> list[str]:
-        argv = [_tool("epp-sim"), "--port", "0", "--pods", str(pods), "--pod-name-prefix", f"{name}-pod"]
-        argv += ["--model", MODEL, "--profile", profile, "--seed", str(seed)]
-        found = await self._spawn(name, argv, _LISTENING, "both", pods)
+    async def start_pods(
+        self, name: str, pods: int, profile: str, seed: int, *extra: str, prefix: str = "pod"
+    ) -> list[str]:
+        argv = [_tool("epp-sim"), "--port", "0", "--pods", str(pods), "--pod-name-prefix", f"{name}-{prefix}"]
+        argv += ["--model", MODEL, "--profile", profile, "--seed", str(seed), *extra]
+        found = await self._spawn(f"{name}-{prefix}", argv, _LISTENING, "both", pods)
         for m in found:
             self.pod_names[m.group(2)] = m.group(1)
         return [m.group(2) for m in found]
@@ -120,8 +131,12 @@ class Demo:
         self.say(f"▶ starting production pool {POOL}: 3 simulated vLLM pods (H100 profile)")
         primary = await self.start_pods(POOL, 3, "h100-8b", 1)
         self.say(f"  {', '.join(primary)}")
-        self.say(f"▶ starting shadow pool {SHADOW}: 2 simulated vLLM pods (A100 profile)")
-        shadow = await self.start_pods(SHADOW, 2, "a100-8b", 2)
+        self.say(
+            f"▶ starting shadow pool {SHADOW}: 2 simulated vLLM pods (A100 profile), uneven: "
+            "the second runs at most 2 sequences at a time"
+        )
+        shadow = await self.start_pods(SHADOW, 1, "a100-8b", 2)
+        shadow += await self.start_pods(SHADOW, 1, "a100-8b", 3, "--max-num-seqs", "2", prefix="small")
         self.say(f"  {', '.join(shadow)}")
         pool_path = self.workdir / "pool.yaml"
         pool_doc = {
@@ -152,7 +167,10 @@ class Demo:
         (m,) = await self._spawn("epp", argv, _EPP_STARTED, "stderr")
         grpc_port, metrics_port = int(m.group(1)), int(m.group(4))
         self.say(f"  ext_proc 127.0.0.1:{grpc_port}, metrics http://127.0.0.1:{metrics_port}/metrics")
-        self.say("▶ starting Envoy 1.40: ext_proc FULL_DUPLEX_STREAMED, override_host pool cluster, 100 % mirror")
+        how = "load-aware: epp picks the shadow pod" if self.mirror == "load-aware" else "plain round-robin"
+        self.say(
+            f"▶ starting Envoy 1.40: ext_proc FULL_DUPLEX_STREAMED, override_host pool cluster, 100 % mirror ({how})"
+        )
         config = render_bootstrap(
             load_pool_file(pool_path),
             listen_port=0,
@@ -161,6 +179,7 @@ class Demo:
             lb="override-host",
             epp_tls=True,
             access_log_path=str(self.workdir / "envoy-access.log"),
+            mirror_lb=self.mirror,
         )
         self.envoy = EnvoyProcess(config, workdir=self.workdir / "envoy")
         await self.envoy.start()
@@ -302,9 +321,16 @@ def _epp_requests(text: str) -> int:
     return round(total)
 
 
-async def run_demo(*, requests: int = 30, concurrency: int = 6, keep: bool = False, out: TextIO = sys.stdout) -> int:
+async def run_demo(
+    *,
+    requests: int = 30,
+    concurrency: int = 6,
+    keep: bool = False,
+    out: TextIO = sys.stdout,
+    mirror: MirrorMode = "load-aware",
+) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="epp-demo-"))
-    demo = Demo(requests=requests, concurrency=concurrency, out=out, workdir=workdir, keep=keep)
+    demo = Demo(requests=requests, concurrency=concurrency, out=out, workdir=workdir, keep=keep, mirror=mirror)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None

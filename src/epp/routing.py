@@ -8,12 +8,13 @@ scheduler → primary + fallbacks.  Pure and synchronous; knows nothing of Envoy
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, Pick, TargetModel
+from epp.domain import Criticality, Endpoint, EndpointMetrics, InferenceRequest, ModelPolicy, Pick, TargetModel
 from epp.errors import ModelNotFound, NoEndpoints
 from epp.openai import rewrite_model
 from epp.scheduling import Scheduler
@@ -26,6 +27,10 @@ class PoolView(Protocol):
     def endpoints(self) -> tuple[Endpoint, ...]: ...
     def policies(self) -> Mapping[str, ModelPolicy] | None: ...
     def objective_priority(self, name: str) -> int | None: ...
+    def mirror_endpoints(self) -> tuple[Endpoint, ...]: ...
+    def metrics(self, address: str) -> EndpointMetrics | None: ...
+    def unseen_counts(self) -> Mapping[str, int]: ...
+    def note_mirror(self, address: str) -> None: ...
 
 
 def parse_subset(value: Any) -> tuple[str, ...] | None:
@@ -83,8 +88,12 @@ class Router:
         max_fallbacks: int = 2,
         rng: random.Random | None = None,
         observe_schedule: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        staleness: float = 2.0,
     ) -> None:
         self._pool = pool
+        self._clock = clock
+        self._staleness = staleness
         self._scheduler = scheduler
         self._max_fallbacks = max_fallbacks
         self._rng = rng or random.Random()
@@ -106,7 +115,10 @@ class Router:
             priority = self._pool.objective_priority(objective)
             if priority is not None:
                 criticality = (
-                    Criticality.SHEDDABLE if priority < 0 else Criticality.CRITICAL if priority > 0
+                    Criticality.SHEDDABLE
+                    if priority < 0
+                    else Criticality.CRITICAL
+                    if priority > 0
                     else Criticality.STANDARD
                 )
         target = request.headers.get(MODEL_REWRITE_HEADER) or target
@@ -136,4 +148,34 @@ class Router:
             endpoints=tuple(ranked[: 1 + self._max_fallbacks]),
             target_model=request.target_model,
             body=body,
+            mirror=self.pick_mirror(),
         )
+
+    def pick_mirror(self) -> Endpoint | None:
+        """The least-loaded shadow endpoint (load-aware mirroring), or None without a mirror pool.
+
+        Load, compared in order: requests waiting (scraped, plus copies sent since that
+        scrape), then requests running; an endpoint without fresh metrics only wins if
+        no other has any.  Ties break at random.
+        """
+        shadows = self._pool.mirror_endpoints()
+        if not shadows:
+            return None
+        now, max_age = self._clock(), self._staleness
+        unseen = self._pool.unseen_counts()
+        best: list[Endpoint] = []
+        best_load: tuple[float, float] = (math.inf, math.inf)
+        for e in shadows:
+            m = self._pool.metrics(e.address)
+            sent = unseen.get(e.address, 0)
+            if m is not None and now - m.updated_at <= max_age:
+                load: tuple[float, float] = (m.waiting + sent, m.running)
+            else:
+                load = (1e9 + sent, 0.0)
+            if load < best_load:
+                best, best_load = [e], load
+            elif load == best_load:
+                best.append(e)
+        choice = best[0] if len(best) == 1 else self._rng.choice(best)
+        self._pool.note_mirror(choice.address)
+        return choice

@@ -119,7 +119,11 @@ def test_every_combination(body_mode: BodyMode, lb: LbMode, tls: bool, mirror: b
         ]
         shadow = by_name["shadow-pool"]
         assert shadow["type"] == "STATIC"
-        assert shadow["lb_policy"] == "ROUND_ROBIN"
+        # load-aware mirroring (the default): override_host on the mirror header only, never the
+        # primary's destination header, which mirrored requests also carry; no served-host metadata
+        policy = shadow["load_balancing_policy"]["policies"][0]["typed_extension_config"]["typed_config"]
+        assert policy["override_host_sources"] == [{"header": "x-gateway-mirror-endpoint"}]
+        assert "selected_host_key" not in policy and "lb_policy" not in shadow
         assert socket_addresses(shadow) == [("10.0.1.1", 8000)]
     else:
         assert "request_mirror_policies" not in route(boot)
@@ -258,3 +262,12 @@ def test_cluster_name_collision(mirror_name: str) -> None:
     )
     with pytest.raises(ConfigError, match="used twice"):
         render_bootstrap(pf, listen_port=1, epp_address="127.0.0.1:9002")
+
+
+def test_plain_mirror_is_round_robin() -> None:
+    from epp.config import parse_pool_file
+
+    pf = parse_pool_file("pool: {name: p, endpoints: ['10.0.0.1:1']}\nmirror: {name: s, endpoints: ['10.0.0.2:1']}")
+    boot = render_bootstrap(pf, listen_port=1, epp_address="127.0.0.1:9002", mirror_lb="plain")
+    shadow = next(c for c in boot["static_resources"]["clusters"] if c["name"] == "s")
+    assert shadow["lb_policy"] == "ROUND_ROBIN" and "load_balancing_policy" not in shadow

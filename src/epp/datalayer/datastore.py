@@ -141,6 +141,15 @@ class Datastore:
         """Requests in flight per address (absent = 0); read-only view for schedulers."""
         return self._requests
 
+    def note_mirror(self, address: str) -> None:
+        """A mirrored copy was sent there: count it as unseen load until the next scrape.
+
+        Envoy ignores shadow responses and ext_proc never sees them finish, so mirror
+        load is known only from scrapes plus what was sent since.
+        """
+        self._unseen[address] = self._unseen.get(address, 0) + 1
+        self._unseen_tokens.setdefault(address, 0)
+
     def unseen_counts(self) -> Mapping[str, int]:
         """Requests in flight sent after the endpoint's last scrape (absent = 0)."""
         return self._unseen

@@ -54,8 +54,10 @@ from epp.errors import ConfigError
 
 BodyMode = Literal["full-duplex", "buffered"]
 LbMode = Literal["original-dst", "override-host"]
+MirrorMode = Literal["load-aware", "plain"]
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+MIRROR_HEADER = "x-gateway-mirror-endpoint"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
 LB_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
@@ -92,11 +94,15 @@ def render_bootstrap(
     access_log_path: str | None = None,
     route_timeout_s: float = 300,
     max_body_bytes: int = 16 * _MIB,
+    mirror_lb: MirrorMode = "load-aware",
 ) -> dict[str, Any]:
     """Build the bootstrap dict for one listener in front of ``pool_file``'s pool.
 
     ``admin_port=0`` binds any free port; start Envoy with ``--admin-address-path FILE``
     and read the bound ``ip:port`` from FILE (``EnvoyProcess`` does this).
+    ``mirror_lb="load-aware"`` gives the shadow cluster an ``override_host`` policy on
+    ``x-gateway-mirror-endpoint`` (set by epp when its pool file has a ``mirror``), with
+    round-robin fallback; ``"plain"`` is round-robin only, like a plain Service.
     """
     pool = pool_file.pool
     pool_cluster = cluster_name(pool.name)
@@ -105,7 +111,7 @@ def render_bootstrap(
 
     clusters = [_pool_cluster(pool, pool_cluster, lb)]
     if pool_file.mirror is not None and shadow_cluster is not None:
-        clusters.append(_shadow_cluster(pool_file.mirror, shadow_cluster))
+        clusters.append(_shadow_cluster(pool_file.mirror, shadow_cluster, mirror_lb))
     clusters.append(_epp_cluster(epp_address, epp_tls))
 
     hcm = {
@@ -317,15 +323,19 @@ def _pool_cluster(pool: PoolSpec, name: str, lb: LbMode) -> dict[str, Any]:
     }
 
 
-def _override_host_policy() -> dict[str, Any]:
-    return {
+def _override_host_policy(
+    sources: Sequence[dict[str, Any]] | None = None, served_key: bool = True
+) -> dict[str, Any]:
+    policy: dict[str, Any] = {
         "policies": [
             {
                 "typed_extension_config": {
                     "name": "envoy.load_balancing_policies.override_host",
                     "typed_config": {
                         "@type": _type("extensions.load_balancing_policies.override_host.v3.OverrideHost"),
-                        "override_host_sources": [
+                        "override_host_sources": list(sources)
+                        if sources is not None
+                        else [
                             {"metadata": {"key": LB_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}},
                             {"header": DESTINATION_HEADER},
                         ],
@@ -350,18 +360,28 @@ def _override_host_policy() -> dict[str, Any]:
             }
         ]
     }
+    if not served_key:
+        del policy["policies"][0]["typed_extension_config"]["typed_config"]["selected_host_key"]
+    return policy
 
 
-def _shadow_cluster(mirror: PoolSpec, name: str) -> dict[str, Any]:
+def _shadow_cluster(mirror: PoolSpec, name: str, mode: MirrorMode) -> dict[str, Any]:
     addresses = [e.address for e in mirror.endpoint_list()]
-    return {
+    cluster: dict[str, Any] = {
         "name": name,
         "type": _static_or_dns(addresses),
         "connect_timeout": _CONNECT_TIMEOUT,
-        "lb_policy": "ROUND_ROBIN",
         "circuit_breakers": _circuit_breakers(),
         "load_assignment": _load_assignment(name, addresses),
     }
+    if mode == "load-aware" and cluster["type"] == "STATIC":
+        # Mirrored requests carry the headers as epp mutated them: the shadow's pick is in
+        # x-gateway-mirror-endpoint.  They also carry the primary's x-gateway-destination-endpoint,
+        # which this cluster must not read, so the only source is the mirror header.
+        cluster["load_balancing_policy"] = _override_host_policy([{"header": MIRROR_HEADER}], served_key=False)
+    else:
+        cluster["lb_policy"] = "ROUND_ROBIN"
+    return cluster
 
 
 def _epp_cluster(epp_address: str, tls: bool) -> dict[str, Any]:

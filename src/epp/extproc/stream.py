@@ -35,6 +35,7 @@ from epp.extproc.protocol import (
     DESTINATION_HEADER,
     DESTINATION_SERVED_KEY,
     LB_NAMESPACE,
+    MIRROR_HEADER,
     REQUEST_ID_HEADER,
     SUBSET_KEY,
     SUBSET_NAMESPACE,
@@ -238,6 +239,8 @@ class ExtProcStream:
             headers[REQUEST_ID_HEADER] = ctx.request_id
         if body_len is not None:
             headers["content-length"] = str(body_len)
+        if pick.mirror is not None:
+            headers[MIRROR_HEADER] = pick.mirror.address
         log.debug("picked %s for model %s", addresses, ctx.target_model or "-")
         return headers, {LB_NAMESPACE: {DESTINATION_HEADER: addresses}}
 
