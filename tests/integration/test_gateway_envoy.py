@@ -71,17 +71,18 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         *, n: int = 2, body_mode: str = "full-duplex", lb: str = "override-host", tls: bool = False,
         failure_mode: str = "FailClose", models: list[dict[str, Any]] | None = MODELS, mirror: bool = False,
         epp_extra_endpoints: tuple[str, ...] = (), envoy_endpoints: list[int] | None = None,
-        mutate: Callable[[dict[str, Any]], None] | None = None, **settings: Any,
+        mutate: Callable[[dict[str, Any]], None] | None = None, shadows: list[str] | None = None,
+        mirror_lb: str = "load-aware", **settings: Any,
     ) -> Gateway:
         ups = [await Upstream(f"pod-{i}").start() for i in range(n)]
-        shadow = await Upstream("shadow").start() if mirror else None
+        shadow = await Upstream("shadow").start() if mirror and shadows is None else None
         pool: dict[str, Any] = {"name": "test-pool", "failureMode": failure_mode,
                                 "endpoints": [u.address for u in ups] + list(epp_extra_endpoints)}
         doc: dict[str, Any] = {"pool": pool}
         if models is not None:
             doc["models"] = models
-        if shadow is not None:
-            doc["mirror"] = {"name": "test-shadow", "endpoints": [shadow.address]}
+        if shadow is not None or shadows is not None:
+            doc["mirror"] = {"name": "test-shadow", "endpoints": shadows or [shadow.address]}  # type: ignore[union-attr]
         epp_pool = write_yaml(tmp_path / f"epp-{len(started)}.yaml", doc)
         app = App(make_settings(epp_pool, secure_serving=tls, **settings), registry=CollectorRegistry(),
                   rng=random.Random(11))
@@ -90,7 +91,7 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         envoy_pool = write_yaml(tmp_path / f"envoy-{len(started)}.yaml", envoy_doc)
         config = render_bootstrap(
             load_pool_file(envoy_pool), listen_port=0, epp_address=f"127.0.0.1:{app.grpc_port}",
-            body_mode=body_mode, lb=lb, epp_tls=tls,  # type: ignore[arg-type]
+            body_mode=body_mode, lb=lb, epp_tls=tls, mirror_lb=mirror_lb,  # type: ignore[arg-type]
         )
         if mutate is not None:
             mutate(config)
@@ -300,3 +301,53 @@ async def test_mirror_gets_a_copy_and_the_client_only_sees_the_primary(gateway):
     assert len(gw.shadow.seen) == 3
     assert all(s.headers["host"].split(":")[0].endswith("-shadow") for s in gw.shadow.seen)
     assert all(orjson.loads(s.body)["model"] == "m-target" for s in gw.shadow.seen)
+
+
+async def test_slow_shadow_never_delays_the_primary(gateway):
+    gw = await gateway(mirror=True)
+    assert gw.shadow is not None
+    gw.shadow.hold = asyncio.Event()  # the shadow answers only when the test says so
+    try:
+        for _ in range(3):
+            status, headers, _ = await asyncio.wait_for(gw.post(COMPLETION), 10)
+            assert status == 200 and headers["x-served-by"].startswith("pod-")
+        await asyncio.wait_for(gw.shadow.arrived.wait(), 10)  # copies are waiting at the shadow meanwhile
+    finally:
+        gw.shadow.hold.set()
+
+
+async def test_plain_mirror_round_robins_and_a_dead_shadow_pod_never_affects_the_primary(gateway):
+    live = await Upstream("shadow-live").start()
+    try:
+        gw = await gateway(shadows=["127.0.0.1:9", live.address], mirror_lb="plain")
+        for _ in range(6):
+            status, _, _ = await gw.post(COMPLETION)
+            assert status == 200
+        while len(live.seen) < 3:  # round-robin: every other copy goes to the dead pod and is lost
+            live.arrived.clear()
+            await asyncio.wait_for(live.arrived.wait(), 10)
+        assert len(live.seen) == 3
+    finally:
+        await live.aclose()
+
+
+@pytest.mark.parametrize("mode", ["load-aware", "plain"])
+async def test_load_aware_mirroring_sends_copies_to_the_least_loaded_shadow_pod(gateway, mode):
+    from epp_sim import EngineConfig, MetricsOverride, PodConfig, SimFleet, get_profile
+
+    async with SimFleet(PodConfig(engine=EngineConfig(profile=get_profile("fast"))), pods=2) as shadows:
+        busy, idle = shadows.pods
+        busy.set_metrics(MetricsOverride(waiting=12, running=30))  # what a loaded vLLM reports
+        gw = await gateway(shadows=shadows.addresses, mirror_lb=mode, models=None, refresh_metrics_interval=3600.0)
+        for address in shadows.addresses:
+            assert await gw.app.scrapers.scrapers[address].scrape_once()
+        doc = {"model": "/model/llama2", "prompt": "hello", "max_tokens": 2}
+        for _ in range(6):
+            assert (await gw.post(doc))[0] == 200
+        if mode == "load-aware":
+            await idle.requests_seen(6)
+            assert busy.requests_received == 0  # every copy went to the idle pod
+        else:
+            await idle.requests_seen(3)
+            await busy.requests_seen(3)  # round-robin ignores load
+        print(f"{mode}: busy pod got {busy.requests_received} copies, idle pod {idle.requests_received}")
