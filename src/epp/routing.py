@@ -47,10 +47,13 @@ def parse_subset(value: Any) -> tuple[str, ...] | None:
     return tuple(s.strip() for s in items if isinstance(s, str) and s.strip())
 
 
-def filter_subset(endpoints: Sequence[Endpoint], subset: tuple[str, ...] | None) -> list[Endpoint]:
-    """Keep endpoints named by the hint: ``ip:port`` matches exactly, a bare ``ip`` any port."""
+def filter_subset(endpoints: Sequence[Endpoint], subset: tuple[str, ...] | None) -> Sequence[Endpoint]:
+    """Keep endpoints named by the hint: ``ip:port`` matches exactly, a bare ``ip`` any port.
+
+    Without a hint the pool's own (immutable) tuple is returned, so per-pool caches hold.
+    """
     if subset is None:
-        return list(endpoints)
+        return endpoints
     exact = {s for s in subset if _has_port(s)}
     ips = {s.strip("[]") for s in subset if not _has_port(s)}
     return [e for e in endpoints if e.address in exact or e.ip in ips]

@@ -295,3 +295,19 @@ def test_plugin_timings_are_observed():
     sched.schedule(req(prompt="z" * 200), EPS[:2])
     assert ("Scorer", "prefix-cache-scorer", "prefix-cache-scorer") in seen
     assert ("Picker", "max-score-picker", "max-score-picker") in seen
+
+
+def test_large_pools_are_sampled_but_affinity_endpoints_always_compete():
+    many = [Endpoint(f"127.0.1.{i}:8000", f"p{i}") for i in range(100)]
+    store = Datastore("p")
+    store.set_pool(many)
+    for i, e in enumerate(many):
+        store.set_metrics(e.address, m(waiting=0, active=["sql-lora"] if i == 77 else ()))
+    sched = build_scheduler("epp-default", store, clock=lambda: NOW, rng=random.Random(3))
+    sched._max_candidates = 8
+    prompt = "shared system prompt " * 30
+    first = sched.schedule(req(prompt=prompt + "a"), many)[0]
+    # the prefix holder is always among the candidates, so affinity keeps working at scale
+    assert all(sched.schedule(req(prompt=prompt + f"q{i}"), many)[0] == first for i in range(20))
+    assert sched.sample(req("sql-lora"), many, [])[0].name == "p77"
+    assert len(sched.sample(req(), many, [])) == 8

@@ -55,6 +55,7 @@ class Datastore:
         self._mirror: tuple[Endpoint, ...] = ()
         self._by_address: dict[str, Endpoint] = {}
         self._metrics: dict[str, EndpointMetrics] = {}
+        self._adapters: dict[str, set[str]] = {}  # adapter → addresses reporting it active
         self._requests: dict[str, int] = {}  # only endpoints with requests in flight
         self._tokens: dict[str, int] = {}
         # requests (and tokens) sent since the endpoint's last scrape: load its gauges cannot show yet
@@ -90,7 +91,7 @@ class Datastore:
         self._by_address = {e.address: e for e in (*self._endpoints, *self._mirror)}
         for address in list(self._metrics):
             if address not in self._by_address:
-                del self._metrics[address]
+                self._index_adapters(address, self._metrics.pop(address).active_adapters, frozenset())
         self.synced = True
         for listener in self._listeners:
             listener()
@@ -116,7 +117,10 @@ class Datastore:
     # ---- metrics ---------------------------------------------------------------------
     def set_metrics(self, address: str, metrics: EndpointMetrics) -> None:
         if address in self._by_address:
+            old = self._metrics.get(address)
             self._metrics[address] = metrics
+            if old is None or old.active_adapters != metrics.active_adapters:
+                self._index_adapters(address, old.active_adapters if old else frozenset(), metrics.active_adapters)
             # a new scrape shows everything sent before it: start counting unseen load anew
             self._epoch[address] = self._epoch.get(address, 0) + 1
             self._unseen.pop(address, None)
@@ -124,6 +128,20 @@ class Datastore:
 
     def metrics(self, address: str) -> EndpointMetrics | None:
         return self._metrics.get(address)
+
+    def endpoints_with_adapter(self, adapter: str) -> set[str]:
+        """Addresses whose last scrape reported ``adapter`` active (any age)."""
+        return self._adapters.get(adapter, set())
+
+    def _index_adapters(self, address: str, old: frozenset[str], new: frozenset[str]) -> None:
+        for a in old - new:
+            holders = self._adapters.get(a)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self._adapters[a]
+        for a in new - old:
+            self._adapters.setdefault(a, set()).add(address)
 
     def fresh_metrics(self, address: str, now: float, max_age: float) -> EndpointMetrics | None:
         """The endpoint's metrics if scraped within ``max_age`` seconds, else None (stale/unknown)."""

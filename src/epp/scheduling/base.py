@@ -15,7 +15,7 @@ the prefix-cache match.  Parallel sequences rather than per-endpoint objects kee
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from epp.domain import Endpoint, EndpointMetrics, InferenceRequest
@@ -30,6 +30,7 @@ class Candidates:
     prefix_match: Sequence[float]  # fraction of the prompt's leading blocks the endpoint is believed to hold
     unseen: Sequence[int] = ()  # requests sent since the endpoint's last scrape (its gauges lag them)
     unseen_tokens: Sequence[int] = ()
+    cache: dict[object, object] = field(default_factory=dict, compare=False)  # per-decision derived values
 
     def __len__(self) -> int:
         return len(self.endpoints)

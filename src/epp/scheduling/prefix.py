@@ -85,6 +85,9 @@ class PrefixIndex:
             return [0.0] * len(addresses)
         return [counts.get(a, 0) / total for a in addresses]
 
+    def holders(self, h: int) -> set[str]:
+        return self._holders.get(h, set())
+
     def record(self, address: str, hashes: Sequence[int], capacity: int | None = None) -> None:
         """The request was sent to ``address``: it will hold these blocks."""
         lru = self._lru.get(address)

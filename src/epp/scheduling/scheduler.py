@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 from epp.domain import Criticality, Endpoint, EndpointMetrics, InferenceRequest
@@ -30,6 +30,7 @@ class SchedulingView(Protocol):
     def inflight_token_counts(self) -> Mapping[str, int]: ...
     def unseen_counts(self) -> Mapping[str, int]: ...
     def unseen_token_counts(self) -> Mapping[str, int]: ...
+    def endpoints_with_adapter(self, adapter: str) -> Collection[str]: ...
 
 
 class Scheduler:
@@ -42,8 +43,14 @@ class Scheduler:
         staleness: float = 2.0,
         max_endpoints: int = 1,
         observe: PluginObserver | None = None,
+        max_candidates: int = 32,
+        rng: random.Random | None = None,
     ) -> None:
         self.profile = profile
+        self._max_candidates = max_candidates
+        self._positions_of: Sequence[Endpoint] | None = None
+        self._positions_map: dict[str, int] = {}
+        self._rng = rng or random.Random()
         self._view = view
         self._clock = clock
         self._staleness = staleness
@@ -55,8 +62,59 @@ class Scheduler:
     def name(self) -> str:
         return self.profile.name
 
-    def snapshot(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> tuple[Candidates, list[int]]:
-        """The candidates as epp sees them now, and the request's prefix hashes."""
+    def prefix_hashes(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[int]:
+        settings = self.profile.prefix
+        if settings is None or self.prefix_index is None or not request.prompt:
+            return []
+        block = settings.block_tokens
+        if settings.auto_tune:  # the servers' own block size, from cache_config_info
+            for e in endpoints[:8]:
+                m = self._view.metrics(e.address)
+                if m is not None and m.block_size:
+                    block = m.block_size
+                    break
+        return block_hashes(request.prompt, request.target_model, block_tokens=block, max_blocks=settings.max_blocks)
+
+    def sample(self, request: InferenceRequest, endpoints: Sequence[Endpoint], hashes: Sequence[int]) -> list[Endpoint]:
+        """At most ``max_candidates`` endpoints: every holder of the prompt's first block,
+        every endpoint with the requested adapter loaded, then a uniform random sample.
+
+        Power-of-d choices: picking the best of a random few balances nearly as well as
+        scanning all, and keeps a decision's cost flat as pools grow to hundreds.
+        """
+        keep: dict[str, Endpoint] = {}
+        wanted: set[str] = set(self._view.endpoints_with_adapter(request.target_model))
+        if hashes and self.prefix_index is not None:
+            wanted |= self.prefix_index.holders(hashes[0])
+        if wanted:
+            for e in endpoints if len(wanted) * 8 > len(endpoints) else ():
+                if e.address in wanted:
+                    keep[e.address] = e
+            if not keep:  # few affinity endpoints: find them without scanning the whole list
+                position = self._positions(endpoints)
+                for a in wanted:
+                    i = position.get(a)
+                    if i is not None:
+                        keep[a] = endpoints[i]
+        room = self._max_candidates - len(keep)
+        if room > 0:
+            for i in self._rng.sample(range(len(endpoints)), min(len(endpoints), room + len(keep))):
+                keep.setdefault(endpoints[i].address, endpoints[i])
+                if len(keep) >= self._max_candidates:
+                    break
+        return list(keep.values())
+
+    def _positions(self, endpoints: Sequence[Endpoint]) -> dict[str, int]:
+        """address → index for this candidate list, cached while the list object is unchanged."""
+        if self._positions_of is not endpoints:
+            self._positions_of = endpoints
+            self._positions_map = {e.address: i for i, e in enumerate(endpoints)}
+        return self._positions_map
+
+    def snapshot(
+        self, request: InferenceRequest, endpoints: Sequence[Endpoint], hashes: Sequence[int] = ()
+    ) -> Candidates:
+        """The candidates as epp sees them now."""
         now, max_age = self._clock(), self._staleness
         get = self._view.metrics
         metrics: list[EndpointMetrics | None] = []
@@ -66,19 +124,10 @@ class Scheduler:
         counts = self._view.inflight_counts()
         tokens = self._view.inflight_token_counts()
         addresses = [e.address for e in endpoints]
-        hashes: list[int] = []
-        match: Sequence[float]
-        settings, index = self.profile.prefix, self.prefix_index
-        if settings is not None and index is not None and request.prompt:
-            block = settings.block_tokens
-            if settings.auto_tune:
-                block = next((m.block_size for m in metrics if m is not None and m.block_size), block)
-            hashes = block_hashes(
-                request.prompt, request.target_model, block_tokens=block, max_blocks=settings.max_blocks
-            )
-            match = index.match(hashes, addresses)
-        else:
-            match = [0.0] * len(endpoints)
+        index = self.prefix_index
+        match: Sequence[float] = (
+            index.match(hashes, addresses) if hashes and index is not None else [0.0] * len(endpoints)
+        )
         unseen = self._view.unseen_counts()
         unseen_tokens = self._view.unseen_token_counts()
         c = Candidates(
@@ -90,13 +139,16 @@ class Scheduler:
             unseen=[unseen.get(a, 0) for a in addresses],
             unseen_tokens=[unseen_tokens.get(a, 0) for a in addresses],
         )
-        return c, hashes
+        return c
 
     def schedule(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         if not endpoints:
             raise NoEndpoints("no candidate endpoints")
         profile, observe = self.profile, self._observe
-        c, hashes = self.snapshot(request, endpoints)
+        hashes = self.prefix_hashes(request, endpoints)
+        if len(endpoints) > self._max_candidates > 0:
+            endpoints = self.sample(request, endpoints, hashes)
+        c = self.snapshot(request, endpoints, hashes)
         if request.criticality is Criticality.SHEDDABLE and profile.detector.saturation(c) >= 1.0:
             raise Shed("the pool is saturated and the request is sheddable")
         for f in profile.filters:

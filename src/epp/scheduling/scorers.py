@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from epp.domain import InferenceRequest
 from epp.scheduling.base import Candidates, min_max_low_is_best
@@ -122,8 +123,13 @@ def load_of(c: Candidates, tokens_per_request: float = 2048.0) -> list[float]:
 def estimated_queue(c: Candidates, tokens_per_request: float = 2048.0) -> list[float]:
     """The waiting queue as it probably is now: the last scrape's, plus what epp sent since.
 
-    Without fresh metrics, everything epp has in flight there counts as queued.
+    Without fresh metrics, everything epp has in flight there counts as queued.  Computed
+    once per decision and token scale (scorers and guards share it).
     """
+    key = ("estimated_queue", tokens_per_request)
+    cached = c.cache.get(key)
+    if cached is not None:
+        return cast(list[float], cached)
     unseen = c.unseen or [0] * len(c)
     unseen_tokens = c.unseen_tokens or [0] * len(c)
     out = []
@@ -132,6 +138,7 @@ def estimated_queue(c: Candidates, tokens_per_request: float = 2048.0) -> list[f
             out.append(r + t / tokens_per_request)
         else:
             out.append(m.waiting + u + ut / tokens_per_request)
+    c.cache[key] = out
     return out
 
 
@@ -182,7 +189,7 @@ class GuardedAffinityScorer:
     def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
         raw = self.inner.score(request, c)
         cap = self.max_extra_load
-        if cap <= 0 or not raw:
+        if cap <= 0 or not raw or not any(raw):
             return raw
         q = estimated_queue(c)
         floor = min(q)
