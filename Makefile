@@ -37,7 +37,11 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/extproc_load.py
+	$(BIN)/python benchmarks/scrape_bench.py
+	$(BIN)/python benchmarks/scheduler_bench.py
+	$(BIN)/python benchmarks/routing_quality.py --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build src/*.egg-info
