@@ -1,0 +1,557 @@
+"""Routing quality: epp's scheduling policies against baselines and an oracle on a simulated fleet.
+
+Replays one seeded trace per load level (see `_workload.py`: 8 h100-8b pods with four LoRA
+slots, groups of requests sharing 2-6k-token system prompts, half the requests on one of the
+ten reference adapters, Poisson arrivals, 200-1000 output tokens) through epp-sim's
+`VirtualFleet` in virtual time, once per policy:
+
+- `random`, `round-robin`, `least-inflight`, `gie-default`, `epp-default`: epp's own
+  schedulers, `epp.scheduling.build_scheduler(name, datastore, rng=, clock=)`. The
+  `Datastore` is fed what a real epp would see: each pod's gauges as of its last scrape
+  (`--scrape-interval`, 50 ms like epp's `--refresh-metrics-interval`), plus epp's own
+  in-flight tickets, acquired when a request is sent and released when it finishes. The
+  clock passed in is the virtual clock, so metric ages are virtual too. One scheduler per
+  (policy, load) run, so state it learns (e.g. a prefix index) never leaks between runs.
+- `oracle`: reads the true engines at the instant of arrival and picks the pod with the
+  lowest estimated TTFT (see `OracleRouter`). It knows everything about the present
+  (queues, cache contents, KV blocks, LoRA batches) and nothing about the future.
+
+Load is the arrival rate as a fraction of the fleet's capacity, which is measured, not
+assumed: the saturation throughput of the fleet on this workload (`_workload.calibrate_capacity`).
+
+Each trace is `--duration` seconds of arrivals (the same requests at every load, compressed
+in time). Reported per (policy, load), over requests that arrive after the first `--warmup`
+seconds (40 s of virtual time by default: caches start cold, and the running batch fills up
+slowly, since a longer batch means a slower step and so still more requests running; at
+0.85 load the token rate takes 40-50 s to settle): TTFT p50/p90/p99; ITL p50/p90 (of each
+request's mean inter-token latency, as epp-sim reports it); prefix-cache hit rate (cached /
+prompt tokens). Output tokens/s is measured over the window from the warm-up cutoff to the
+last arrival (each request's tokens counted as spread evenly between its first and last
+token): in a steady state it equals the offered load, and a policy that falls behind
+delivers less. The drain after the last arrival is left out of the rate; `drain_s` (last
+finish - last arrival) shows the backlog instead.
+Over the whole run: LoRA swaps (adapter loads into a GPU slot, cold loads included),
+preemptions, rejected (requests the scheduler refused, e.g. `Shed` = 429).
+
+    python benchmarks/routing_quality.py --quick          # 3 loads, 100 s traces: ~2.5 min on 2 cores
+    python benchmarks/routing_quality.py --quick --json   # JSON lines on stdout, table on stderr
+    python benchmarks/routing_quality.py                  # 6 loads up to 0.9, 200 s traces: ~10 min
+
+Writes `benchmarks/results/routing_quality[_quick].json` and `.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from _workload import BASE_MODEL, PODS, Workload, calibrate_capacity, fleet_configs, make_trace
+from epp.datalayer.datastore import Datastore, InflightTicket
+from epp.domain import Endpoint, EndpointMetrics, InferenceRequest
+from epp.errors import Rejected
+from epp.openai import estimate_tokens
+from epp.scheduling import build_scheduler
+from epp_sim import Engine, PodSnapshot, Prompt, RequestResult, SimRequest, TraceRequest, VirtualFleet, tokenize
+
+EPP_POLICIES = ("random", "round-robin", "least-inflight", "gie-default", "epp-default")
+POLICIES = (*EPP_POLICIES, "oracle")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class _Drained(Exception):
+    """Every request finished or was rejected (VirtualFleet alone would keep scraping)."""
+
+
+class Run:
+    """Bookkeeping shared by every policy: results, rejections, and the end of the run.
+
+    `VirtualFleet` has no way to refuse a request: the router must name a pod, and the fleet
+    runs until every request has finished. So a rejected request is routed to pod 0, dropped
+    by a gate on the engines' `add_request`, and the run ends (via `_Drained`) once
+    finished + rejected covers the trace.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.results: list[RequestResult] = []
+        self.rejected: Counter[str] = Counter()
+        self._dropped: set[str] = set()
+
+    def gate(self, engines: Sequence[Engine]) -> None:
+        for engine in engines:
+            add = engine.add_request
+
+            def add_request(req: SimRequest, add: Callable[[SimRequest], None] = add) -> None:
+                if req.request_id not in self._dropped:
+                    add(req)
+
+            engine.add_request = add_request  # type: ignore[method-assign]
+
+    def reject(self, request_id: str, reason: str) -> int:
+        self._dropped.add(request_id)
+        self.rejected[reason] += 1
+        self._check_drained()
+        return 0
+
+    def finished(self, result: RequestResult) -> None:
+        self.results.append(result)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._dropped and len(self.results) + len(self._dropped) == self.total:
+            raise _Drained
+
+
+class EppRouter:
+    """An epp scheduler behind VirtualFleet's router callback.
+
+    Scraped `PodSnapshot`s become `EndpointMetrics` in a `Datastore` (only when a pod was
+    re-scraped, as the real scraper swaps metrics in); every routed request holds an
+    in-flight ticket until it finishes.
+    """
+
+    def __init__(self, policy: str, run: Run, pods: int, seed: int) -> None:
+        self.now = 0.0
+        self.run = run
+        self.store = Datastore("routing-quality", clock=self.clock)
+        self.endpoints = tuple(Endpoint(f"10.0.0.{i + 1}:8000", f"pod-{i}") for i in range(pods))
+        self.store.set_pool(self.endpoints)
+        self.index = {e.address: i for i, e in enumerate(self.endpoints)}
+        self.scheduler = build_scheduler(policy, self.store, rng=random.Random(seed), clock=self.clock)
+        self._scraped_at = [math.nan] * pods
+        self._tickets: dict[str, InflightTicket] = {}
+
+    def clock(self) -> float:
+        return self.now
+
+    def _sync(self, pods: Sequence[PodSnapshot]) -> None:
+        for p in pods:
+            if p.updated_at == self._scraped_at[p.index]:
+                continue
+            self._scraped_at[p.index] = p.updated_at
+            self.store.set_metrics(
+                self.endpoints[p.index].address,
+                EndpointMetrics(
+                    waiting=p.waiting,
+                    running=p.running,
+                    kv_usage=p.kv_usage,
+                    active_adapters=frozenset(p.running_adapters),
+                    waiting_adapters=frozenset(p.waiting_adapters),
+                    max_lora=p.max_loras,
+                    block_size=p.block_size,
+                    num_blocks=p.num_gpu_blocks,
+                    updated_at=p.updated_at,
+                ),
+            )
+
+    def route(self, tr: TraceRequest, pods: Sequence[PodSnapshot], now: float) -> int:
+        self.now = now
+        self._sync(pods)
+        model = tr.adapter or BASE_MODEL
+        request = InferenceRequest(
+            request_id=tr.request_id,
+            model=model,
+            target_model=model,
+            prompt=tr.prompt,
+            prompt_tokens=estimate_tokens(tr.prompt),
+            max_tokens=tr.max_tokens,
+        )
+        try:
+            ranked = self.scheduler.schedule(request, self.endpoints)
+        except Rejected as exc:
+            return self.run.reject(tr.request_id, exc.reason)
+        if not ranked:
+            return self.run.reject(tr.request_id, "NoPick")
+        self._tickets[tr.request_id] = self.store.acquire(ranked[0], request.prompt_tokens)
+        return self.index[ranked[0].address]
+
+    def finished(self, result: RequestResult) -> None:
+        self.now = result.finish
+        self._tickets.pop(result.request_id).release()
+        self.run.finished(result)
+
+
+class OracleRouter:
+    """Lowest estimated TTFT from the true engine state at the instant of arrival.
+
+    For each pod, the estimate adds up:
+
+    1. the rest of the step in flight;
+    2. prefill: the uncached prompt tokens queued ahead (running requests still prefilling,
+       plus every waiting request's miss as estimated when the oracle placed it, or its whole
+       context if it was preempted), plus this request's own miss, which is the true
+       prefix-cache match on that pod. These tokens are spread over steps of
+       `max_num_batched_tokens` minus one token per decoding request, each step timed with
+       the profile's own step-time formula at the pod's current context;
+    3. a KV wait: if the blocks needed by the waiting queue and this prompt exceed the free
+       blocks, the time until enough running requests finish (fewest tokens left first);
+       the same for `max_num_seqs`;
+    4. LoRA: nothing if the adapter is in the running batch; a load if a slot is free;
+       otherwise the time until the adapter that drains first leaves the batch.
+
+    It does not plan ahead (future arrivals, the effect of its pick on later requests' ITL).
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.engines: Sequence[Engine] = ()
+        self._miss: dict[str, int] = {}
+
+    def route(self, tr: TraceRequest, _pods: Sequence[PodSnapshot], now: float) -> int:
+        best, best_key, best_miss = 0, (math.inf, 0), 0
+        prompts: dict[int, Prompt] = {}
+        for i, engine in enumerate(self.engines):
+            bs = engine.config.block_size
+            if bs not in prompts:
+                prompts[bs] = tokenize(tr.prompt, bs, tr.adapter)
+            estimate, miss = self._estimate(engine, prompts[bs], tr, now)
+            key = (estimate, len(engine.waiting) + len(engine.running))
+            if key < best_key:
+                best, best_key, best_miss = i, key, miss
+        self._miss[tr.request_id] = best_miss
+        return best
+
+    def finished(self, result: RequestResult) -> None:
+        self._miss.pop(result.request_id, None)
+        self.run.finished(result)
+
+    def _estimate(self, engine: Engine, prompt: Prompt, tr: TraceRequest, now: float) -> tuple[float, int]:
+        cfg, profile, kv = engine.config, engine.profile, engine.kv
+        hit = kv.match(prompt.block_hashes, (prompt.num_tokens - 1) // kv.block_size) * kv.block_size
+        miss = prompt.num_tokens - hit
+        ahead = decoding = context = 0
+        for r in engine.running:
+            left = r.prompt.num_tokens - r.num_computed
+            if left > 0:
+                ahead += left
+            else:
+                decoding += 1
+            context += r.num_computed
+        queued_blocks = 0
+        for r in engine.waiting:
+            todo = r.total_tokens if r.preemptions else self._miss.get(r.request_id, r.prompt.num_tokens)
+            ahead += todo
+            queued_blocks += kv.blocks_for(todo)
+        t = 0.0
+        step_end = engine.next_event_time()
+        if engine.busy and step_end is not None:
+            t += max(0.0, step_end - now)
+        work = ahead + miss
+        per_step = max(1, cfg.max_num_batched_tokens - decoding)
+        steps = max(1, math.ceil(work / per_step))
+        n_adapters = len(engine.state().running_adapters)
+        step_s = profile.step_time(decoding + math.ceil(work / steps), context + work // steps, 0.0, n_adapters)
+        t += steps * step_s + profile.prefill_attn_s * miss * (hit + miss / 2)
+        decode_s = profile.step_time(decoding + 1, context, 0.0, n_adapters)
+        blocks_short = queued_blocks + kv.blocks_for(miss) - (kv.usable - kv.used)
+        seats_short = len(engine.running) + len(engine.waiting) + 1 - cfg.max_num_seqs
+        if blocks_short > 0 or seats_short > 0:
+            t += self._drain_wait(engine.running, blocks_short, seats_short) * decode_s
+        if tr.adapter:
+            t += self._lora_wait(engine, tr.adapter, decode_s)
+        return t, miss
+
+    @staticmethod
+    def _drain_wait(running: Sequence[SimRequest], blocks: int, seats: int) -> int:
+        """Decode steps until enough running requests finish to free `blocks` and `seats`."""
+        steps = 0
+        for r in sorted(running, key=lambda r: r.max_tokens - r.num_output):
+            if blocks <= 0 and seats <= 0:
+                break
+            steps = r.max_tokens - r.num_output
+            blocks -= r.blocks.num_blocks
+            seats -= 1
+        return steps  # if even a full drain falls short, the queued prefill above already counts the rest
+
+    @staticmethod
+    def _lora_wait(engine: Engine, adapter: str, decode_s: float) -> float:
+        running: dict[str, int] = {}
+        for r in engine.running:
+            if r.adapter:
+                running[r.adapter] = max(running.get(r.adapter, 0), r.max_tokens - r.num_output)
+        if adapter in running:
+            return 0.0
+        if len(running) < engine.config.max_loras:
+            return engine.profile.lora_load_s
+        return min(running.values()) * decode_s + engine.profile.lora_load_s
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    policy: str
+    load: float
+    rate: float
+    duration: float
+    workload: Workload
+    scrape_interval: float
+    warmup: float
+    seed: int
+
+
+@lru_cache(maxsize=2)
+def _trace(workload: Workload, rate: float, duration: float) -> tuple[TraceRequest, ...]:
+    return tuple(make_trace(workload, rate, duration))
+
+
+def run_policy(task: Task) -> dict[str, Any]:
+    """Replay the load level's trace under one policy and summarise it."""
+    started = time.process_time()
+    trace = _trace(task.workload, task.rate, task.duration)
+    run = Run(len(trace))
+    router = OracleRouter(run) if task.policy == "oracle" else EppRouter(task.policy, run, PODS, task.seed)
+    fleet = VirtualFleet(
+        fleet_configs(PODS), router=router.route, scrape_interval=task.scrape_interval, on_finish=router.finished
+    )
+    if isinstance(router, OracleRouter):
+        router.engines = fleet.engines
+    run.gate(fleet.engines)
+    with contextlib.suppress(_Drained):
+        fleet.run(trace)
+    row = summarise(run, fleet.engines, trace, task.warmup)
+    return {
+        "policy": task.policy,
+        "load": task.load,
+        **row,
+        "rate_rps": round(task.rate, 3),
+        "cpu_s": round(time.process_time() - started, 2),
+    }
+
+
+def _pct(ordered: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile of an ascending sequence (q in 0..100)."""
+    if not ordered:
+        return math.nan
+    x = (len(ordered) - 1) * q / 100
+    lo = math.floor(x)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (x - lo)
+
+
+def _tokens_within(r: RequestResult, a: float, b: float) -> float:
+    """Output tokens `r` generated in [a, b]: the first at `first_token`, the rest evenly up to `finish`."""
+    n = float(a <= r.first_token <= b)
+    if r.output_tokens > 1 and r.finish > r.first_token:
+        overlap = min(b, r.finish) - max(a, r.first_token)
+        n += (r.output_tokens - 1) * max(0.0, overlap) / (r.finish - r.first_token)
+    return n
+
+
+def summarise(run: Run, engines: Sequence[Engine], trace: Sequence[TraceRequest], warmup: float) -> dict[str, Any]:
+    results = run.results
+    cutoff = trace[0].arrival + warmup
+    if cutoff >= trace[-1].arrival:
+        raise ValueError(f"--warmup {warmup} s leaves nothing to measure in a {trace[-1].arrival:.0f} s trace")
+    measured = [r for r in results if r.arrival >= cutoff]
+    ttft = sorted(r.ttft for r in measured)
+    itl = sorted(r.itl for r in measured)
+    prompt = sum(r.prompt_tokens for r in measured)
+    window = (cutoff, trace[-1].arrival)
+    span = window[1] - window[0]
+    on_lora = {r.request_id for r in trace if r.adapter}
+    per_pod = Counter(r.pod for r in results)
+    return {
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p90_s": _pct(ttft, 90),
+        "ttft_p99_s": _pct(ttft, 99),
+        "itl_p50_s": _pct(itl, 50),
+        "itl_p90_s": _pct(itl, 90),
+        "output_tokens_per_s": sum(_tokens_within(r, *window) for r in results) / span,
+        "offered_tokens_per_s": sum(r.max_tokens for r in trace if r.arrival >= cutoff) / span,
+        "prefix_hit_rate": sum(r.cached_tokens for r in measured) / prompt if prompt else math.nan,
+        "lora_swaps": sum(e.counters.lora_loads for e in engines),
+        "preemptions": sum(e.counters.preemptions for e in engines),
+        "rejected": sum(run.rejected.values()),
+        "rejected_by_reason": dict(run.rejected),
+        # Diagnostics: where the tail comes from (LoRA slots vs the rest) and hot-spotting.
+        "ttft_p90_base_s": _pct(sorted(r.ttft for r in measured if r.request_id not in on_lora), 90),
+        "ttft_p90_lora_s": _pct(sorted(r.ttft for r in measured if r.request_id in on_lora), 90),
+        "max_pod_share": max(per_pod.values()) / len(results) if results else math.nan,
+        "drain_s": max(r.finish for r in results) - trace[-1].arrival if results else math.nan,
+        "measured": len(measured),
+        "completed": len(results),
+        "requests": len(trace),
+    }
+
+
+# ---- checks, table, plot --------------------------------------------------------------------
+
+
+def target_checks(rows: Sequence[dict[str, Any]], load: float) -> list[dict[str, Any]]:
+    """The issue's targets at one load level, computed from the rows.
+
+    Throughput must be at least every other real policy's; against the oracle (which knows
+    the true state), TTFT p90 and throughput must be within 15 %.
+    """
+    at = {r["policy"]: r for r in rows if r["load"] == load}
+    epp = at.get("epp-default")
+    if epp is None:
+        return []
+    checks = []
+
+    def ratio(name: str, metric: str, other: str, op: str, limit: float) -> None:
+        if other not in at:
+            return
+        value = epp[metric] / at[other][metric]
+        ok = value <= limit if op == "<=" else value >= limit
+        checks.append({"load": load, "check": name, "ratio": value, "target": f"{op} {limit}", "pass": ok})
+
+    ratio("TTFT p90 epp-default / round-robin", "ttft_p90_s", "round-robin", "<=", 0.3)
+    ratio("TTFT p90 epp-default / gie-default", "ttft_p90_s", "gie-default", "<=", 0.8)
+    for other in EPP_POLICIES:
+        if other != "epp-default":
+            ratio(f"output tok/s epp-default / {other}", "output_tokens_per_s", other, ">=", 1.0)
+    ratio("TTFT p90 epp-default / oracle", "ttft_p90_s", "oracle", "<=", 1.15)
+    ratio("output tok/s epp-default / oracle", "output_tokens_per_s", "oracle", ">=", 0.85)
+    return checks
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = (
+        f"{'policy':<15}{'load':>5}{'req/s':>7}{'TTFT p50':>10}{'p90':>9}{'p99':>9}{'ITL p50':>9}{'p90':>8}"
+        f"{'out tok/s':>10}{'hit%':>6}{'lora':>6}{'preempt':>8}{'429':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['policy']:<15}{r['load']:>5.2f}{r['rate_rps']:>7.1f}"
+            f"{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p90_s'] * 1e3:>7.0f}ms{r['ttft_p99_s'] * 1e3:>7.0f}ms"
+            f"{r['itl_p50_s'] * 1e3:>7.1f}ms{r['itl_p90_s'] * 1e3:>6.1f}ms"
+            f"{r['output_tokens_per_s']:>10.0f}{r['prefix_hit_rate'] * 100:>6.1f}{r['lora_swaps']:>6}"
+            f"{r['preemptions']:>8}{r['rejected']:>5}"
+        )
+    return "\n".join(lines)
+
+
+def format_checks(checks: Sequence[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"load {c['load']:.2f}  {c['check']:<40} {c['ratio']:7.3f}  target {c['target']:<7} "
+        f"{'PASS' if c['pass'] else 'MISS'}"
+        for c in checks
+    )
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_ttft, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for policy in POLICIES:
+        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["load"])
+        if not mine:
+            continue
+        loads = [r["load"] for r in mine]
+        style = {"linewidth": 2.5} if policy == "epp-default" else {"linestyle": "--"} if policy == "oracle" else {}
+        ax_ttft.plot(loads, [r["ttft_p90_s"] for r in mine], marker="o", label=policy, **style)
+        ax_tput.plot(loads, [r["output_tokens_per_s"] for r in mine], marker="o", label=policy, **style)
+    offered = sorted({r["load"]: r["offered_tokens_per_s"] for r in rows}.items())
+    ax_tput.plot([x for x, _ in offered], [y for _, y in offered], color="grey", linestyle=":", label="offered")
+    ax_tput.legend()
+    ax_ttft.set(xlabel="load (fraction of fleet capacity)", ylabel="TTFT p90 (s)", yscale="log", title="TTFT p90")
+    ax_tput.set(xlabel="load (fraction of fleet capacity)", ylabel="output tokens/s", title="Output throughput")
+    for ax in (ax_ttft, ax_tput):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def _loads(text: str) -> list[float]:
+    loads = sorted({float(x) for x in text.split(",") if x.strip()})
+    if not loads or loads[0] <= 0:
+        raise argparse.ArgumentTypeError("loads must be positive fractions, e.g. 0.5,0.7,0.85")
+    return loads
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="loads 0.5,0.7,0.85, 100 s of arrivals (< 5 min, 2 cores)")
+    p.add_argument("--json", action="store_true", help="one JSON object per (policy, load) on stdout; table to stderr")
+    p.add_argument("--loads", type=_loads, help="fractions of capacity (default 0.3,0.5,0.7,0.8,0.85,0.9)")
+    p.add_argument("--duration", type=float, help="seconds of arrivals per trace (default 200; 100 with --quick)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of: " + ", ".join(POLICIES))
+    p.add_argument("--capacity", type=float, help="fleet capacity in requests/s (skips the calibration run)")
+    p.add_argument("--scrape-interval", type=float, default=0.05, help="seconds between metric scrapes (0.05)")
+    p.add_argument("--warmup", type=float, default=40.0, help="seconds of virtual time left out of the stats (40)")
+    p.add_argument("--seed", type=int, default=0, help="workload and scheduler seed (0)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (CPU count)")
+    p.add_argument("--out", type=Path, help="output path prefix (default benchmarks/results/routing_quality[_quick])")
+    args = p.parse_args(argv)
+    args.loads = args.loads or ([0.5, 0.7, 0.85] if args.quick else [0.3, 0.5, 0.7, 0.8, 0.85, 0.9])
+    args.duration = args.duration or (100.0 if args.quick else 200.0)
+    args.policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    unknown = set(args.policies) - set(POLICIES)
+    if unknown:
+        p.error(f"unknown policies: {', '.join(sorted(unknown))}")
+    args.out = args.out or RESULTS / ("routing_quality_quick" if args.quick else "routing_quality")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    workload = Workload(seed=args.seed)
+    capacity = args.capacity
+    if capacity is None:
+        capacity = calibrate_capacity(workload)
+        say(f"capacity: {capacity:.1f} requests/s (saturation throughput of {PODS} pods, calibration run)")
+    tasks = [
+        Task(policy, load, load * capacity, args.duration, workload, args.scrape_interval, args.warmup, args.seed)
+        for load in args.loads
+        for policy in args.policies
+    ]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = list(pool.map(run_policy, tasks))
+    for row in rows:
+        row["capacity_rps"] = round(capacity, 3)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    say(format_table(rows))
+    checks = [c for load in args.loads if load >= min(0.85, args.loads[-1]) for c in target_checks(rows, load)]
+    say("\ntargets (computed from the rows above):\n" + format_checks(checks))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "workload": asdict(workload),
+        "pods": PODS,
+        "capacity_rps": capacity,
+        "scrape_interval_s": args.scrape_interval,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "rows": rows,
+        "checks": checks,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    title = f"{PODS} h100-8b pods, capacity {capacity:.1f} req/s, {args.duration:.0f} s of arrivals per load"
+    drawn = plot(rows, args.out.with_suffix(".png"), title)
+    say(f"\nwrote {args.out.with_suffix('.json')}" + (f" and {args.out.with_suffix('.png')}" if drawn else ""))
+    if not drawn:
+        say("matplotlib is not installed: no plot (pip install matplotlib)")
+    say(f"wall time {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
