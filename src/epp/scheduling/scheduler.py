@@ -83,9 +83,19 @@ class Scheduler:
         scanning all, and keeps a decision's cost flat as pools grow to hundreds.
         """
         keep: dict[str, Endpoint] = {}
-        wanted: set[str] = set(self._view.endpoints_with_adapter(request.target_model))
+        half = max(1, self._max_candidates // 2)
+        with_adapter = self._view.endpoints_with_adapter(request.target_model)
+        wanted: set[str] = (
+            set(with_adapter) if len(with_adapter) <= half else set(self._rng.sample(list(with_adapter), half))
+        )
         if hashes and self.prefix_index is not None:
-            wanted |= self.prefix_index.holders(hashes[0])
+            deepest: set[str] = set()
+            for h in hashes:  # the holders of the longest prefix anyone holds
+                found = self.prefix_index.holders(h)
+                if not found:
+                    break
+                deepest = found
+            wanted |= deepest if len(deepest) <= half else set(self._rng.sample(list(deepest), half))
         if wanted:
             for e in endpoints if len(wanted) * 8 > len(endpoints) else ():
                 if e.address in wanted:
