@@ -77,6 +77,7 @@ def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], deadline: float) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
     if time.monotonic() >= deadline:
         raise InstallFailed(f"{' '.join(cmd)}: install took longer than {INSTALL_TIMEOUT_S:.0f}s\n" + "\n".join(tail))
     return rc, list(tail)
@@ -232,3 +233,7 @@ class LlmdSim:
         except TimeoutError:
             proc.kill()
             return await proc.wait()
+
+
+if __name__ == "__main__":  # `python tests/llmd_sim.py`: install (or find) the cached binary, print its path
+    print(ensure_binary())

@@ -118,20 +118,35 @@ MODES = [("full-duplex", "override-host"), ("full-duplex", "original-dst"),
 @pytest.mark.parametrize(("body_mode", "lb"), MODES, ids=[f"{b}-{lb}" for b, lb in MODES])
 async def test_requests_land_on_the_endpoint_epp_chose_with_the_rewritten_body(gateway, body_mode, lb):
     gw = await gateway(body_mode=body_mode, lb=lb)
-    served = []
+    hold = asyncio.Event()
+    for u in gw.upstreams:  # keep all six in flight, so epp's load view has to spread them
+        u.hold = hold
+    tasks = []
     for i in range(6):
-        status, headers, body = await gw.post({**COMPLETION, "prompt": f"hello {i}"})
+        tasks.append(asyncio.create_task(gw.post({**COMPLETION, "prompt": f"hello {i}"})))
+        while sum(len(u.seen) for u in gw.upstreams) < i + 1:  # one at a time: each pick sees the last
+            arrivals = [asyncio.create_task(u.arrived.wait()) for u in gw.upstreams]
+            await asyncio.wait(arrivals, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            for t in arrivals:
+                t.cancel()
+            for u in gw.upstreams:
+                u.arrived.clear()
+    hold.set()
+    served = []
+    for i, task in enumerate(tasks):
+        status, headers, body = await asyncio.wait_for(task, 10)
         assert status == 200, body
         upstream = next(u for u in gw.upstreams if u.name == headers["x-served-by"])
-        seen = upstream.seen[-1]
+        seen = next(s for s in upstream.seen if orjson.loads(s.body)["prompt"] == f"hello {i}")
         assert seen.headers["x-gateway-destination-endpoint"] == upstream.address  # epp's choice was honoured
         sent = orjson.loads(seen.body)
-        assert sent["model"] == "m-target" and sent["prompt"] == f"hello {i}"
+        assert sent["model"] == "m-target"
         if body_mode == "buffered" or "content-length" in seen.headers:
             assert int(seen.headers["content-length"]) == len(seen.body)
         assert orjson.loads(body)["model"] == "m"  # client-facing name restored
         served.append(upstream.name)
-    assert set(served) == {"pod-0", "pod-1"}  # least-in-flight with random ties uses both
+    assert sorted(served) == ["pod-0"] * 3 + ["pod-1"] * 3  # in-flight load spreads them evenly
+    await gw.app.servicer.wait_idle()
     assert gw.app.datastore.total_inflight() == 0
     labels = {"model_name": "m", "target_model_name": "m-target"}
     assert gw.value("inference_model_request_total", labels) == 6

@@ -217,6 +217,9 @@ async def sim_counter_reaches(fleet: Fleet, sim: llmd_sim.LlmdSim, name: str, ex
     raise AssertionError(f"{sim.name}: {name} = {value}, expected {expected}")
 
 
+# The first run builds the simulator with Go (about 5 minutes on 2 cores; later runs reuse the
+# cached binary): the per-test timeout must cover the session fixture's install.
+@pytest.mark.timeout(1800)
 async def test_epp_reads_llmd_sim_metrics_and_routes_through_envoy_to_both(fleet: Fleet):
     addresses = {s.address for s in fleet.sims}
     stop_watch = asyncio.Event()
