@@ -236,4 +236,7 @@ class LlmdSim:
 
 
 if __name__ == "__main__":  # `python tests/llmd_sim.py`: install (or find) the cached binary, print its path
-    print(ensure_binary())
+    try:
+        print(ensure_binary())
+    except GoMissing as exc:  # the compatibility test will skip with the same message
+        print(f"llm-d-inference-sim: {exc}", file=sys.stderr)
