@@ -20,6 +20,7 @@ from epp.domain import EndpointMetrics
 Sample = tuple[dict[str, str], float]
 
 _LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_LABELS = re.compile(r'(?:\s*[A-Za-z_][A-Za-z0-9_]*\s*=\s*"(?:[^"\\]|\\.)*"\s*,?)*\s*')
 _ESCAPES = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 _ESCAPE = re.compile(r'\\[\\"n]')
 
@@ -67,18 +68,36 @@ def _parse_line(line: str, name_len: int, *, labels_wanted: bool = True) -> Samp
     if rest.startswith("{"):
         end = _label_block_end(rest)
         if labels_wanted:
-            block = rest[:end]
-            pos = 1
-            while pos < end:
-                m = _LABEL.match(block, pos)
-                if m is None:
-                    if block[pos:].strip(" ,"):
-                        raise ExpositionError(f"bad label syntax in {line[:80]!r}")
-                    break
-                labels[m.group(1)] = _unescape(m.group(2))
-                pos = m.end()
+            # two C-level passes: validate the whole block, then collect the pairs
+            if _LABELS.fullmatch(rest, 1, end) is None:
+                raise ExpositionError(f"bad label syntax in {line[:80]!r}")
+            for key, value in _LABEL.findall(rest, 1, end):
+                labels[key] = _unescape(value)
         rest = rest[end + 1 :]
     return labels, _value(rest, line)
+
+
+def _label(line: str, key: str) -> str | None:
+    """One label's value, found by search instead of tokenising every label (the cache
+    info line carries ~35 of them; two are needed)."""
+    for lead in ("{", ","):
+        i = line.find(f'{lead}{key}="')
+        if i >= 0:
+            start = i + len(key) + 3
+            end = line.find('"', start)
+            while end > 0 and line[end - 1] == "\\":
+                end = line.find('"', end + 1)
+            if end < 0:
+                raise ExpositionError(f"unterminated label value in {line[:80]!r}")
+            return _unescape(line[start:end])
+    return None
+
+
+def _line_value(line: str, name_len: int) -> float:
+    rest = line[name_len:]
+    if rest.startswith("{"):
+        rest = rest[_label_block_end(rest) + 1 :]
+    return _value(rest, line)
 
 
 def _lines(text: str, name: str) -> list[str]:
@@ -158,24 +177,24 @@ def parse_metrics(text: str, mapping: EngineMapping, now: float) -> EndpointMetr
     pending: frozenset[str] = frozenset()
     max_lora = 0
     if mapping.lora_info is not None:
-        series = extract(text, (mapping.lora_info.name,)).get(mapping.lora_info.name)
+        name_len = len(mapping.lora_info.name)
+        series = [(line, _line_value(line, name_len)) for line in _lines(text, mapping.lora_info.name)]
         if series:
             # The newest state is the series with the largest value (a timestamp).  Servers
             # with whole-second timestamps (llm-d-inference-sim) tie within a second; then
             # the union of the tied states is the best guess of what the pod may hold.
             newest = max(v for _, v in series)
-            for labels, value in series:
+            for line, value in series:
                 if value == newest:
-                    active |= _adapters(labels.get("running_lora_adapters", ""))
-                    pending |= _adapters(labels.get("waiting_lora_adapters", ""))
-                    max_lora = max(max_lora, _int(labels.get("max_lora")))
+                    active |= _adapters(_label(line, "running_lora_adapters") or "")
+                    pending |= _adapters(_label(line, "waiting_lora_adapters") or "")
+                    max_lora = max(max_lora, _int(_label(line, "max_lora")))
     block_size = num_blocks = 0
     if mapping.cache_info is not None:
         lines = _lines(text, mapping.cache_info.name)
         if lines:
-            labels = _parse_line(lines[0], len(mapping.cache_info.name))[0]
-            block_size = _int(labels.get(mapping.block_size_label))
-            num_blocks = _int(labels.get(mapping.num_blocks_label))
+            block_size = _int(_label(lines[0], mapping.block_size_label))
+            num_blocks = _int(_label(lines[0], mapping.num_blocks_label))
     block_size = block_size or _int(_first(text, mapping.block_size))
     num_blocks = num_blocks or _int(_first(text, mapping.num_blocks))
     return EndpointMetrics(
