@@ -304,7 +304,7 @@ def test_large_pools_are_sampled_but_affinity_endpoints_always_compete():
     for i, e in enumerate(many):
         store.set_metrics(e.address, m(waiting=0, active=["sql-lora"] if i == 77 else ()))
     sched = build_scheduler("epp-default", store, clock=lambda: NOW, rng=random.Random(3))
-    sched._max_candidates = 8
+    sched._max_candidates = 8  # 2 prefix holders, 2 adapter holders, the rest random
     prompt = "shared system prompt " * 30
     first = sched.schedule(req(prompt=prompt + "a"), many)[0]
     # the prefix holder is always among the candidates, so affinity keeps working at scale

@@ -43,7 +43,7 @@ class Scheduler:
         staleness: float = 2.0,
         max_endpoints: int = 1,
         observe: PluginObserver | None = None,
-        max_candidates: int = 32,
+        max_candidates: int = 16,
         rng: random.Random | None = None,
     ) -> None:
         self.profile = profile
@@ -76,17 +76,20 @@ class Scheduler:
         return block_hashes(request.prompt, request.target_model, block_tokens=block, max_blocks=settings.max_blocks)
 
     def sample(self, request: InferenceRequest, endpoints: Sequence[Endpoint], hashes: Sequence[int]) -> list[Endpoint]:
-        """At most ``max_candidates`` endpoints: every holder of the prompt's first block,
-        every endpoint with the requested adapter loaded, then a uniform random sample.
+        """At most ``max_candidates`` (16) endpoints: up to a quarter of them holders of the
+        prompt's longest cached prefix, up to a quarter with the requested adapter loaded,
+        the rest a uniform random sample.
 
         Power-of-d choices: picking the best of a random few balances nearly as well as
         scanning all, and keeps a decision's cost flat as pools grow to hundreds.
         """
         keep: dict[str, Endpoint] = {}
-        half = max(1, self._max_candidates // 2)
+        # a quarter of the budget each for adapter and prefix holders; at least half stays random,
+        # so a less loaded endpoint is always in the running even when the holders are hot
+        quarter = max(1, self._max_candidates // 4)
         with_adapter = self._view.endpoints_with_adapter(request.target_model)
         wanted: set[str] = (
-            set(with_adapter) if len(with_adapter) <= half else set(self._rng.sample(list(with_adapter), half))
+            set(with_adapter) if len(with_adapter) <= quarter else set(self._rng.sample(list(with_adapter), quarter))
         )
         if hashes and self.prefix_index is not None:
             deepest: set[str] = set()
@@ -95,7 +98,7 @@ class Scheduler:
                 if not found:
                     break
                 deepest = found
-            wanted |= deepest if len(deepest) <= half else set(self._rng.sample(list(deepest), half))
+            wanted |= deepest if len(deepest) <= quarter else set(self._rng.sample(list(deepest), quarter))
         if wanted:
             for e in endpoints if len(wanted) * 8 > len(endpoints) else ():
                 if e.address in wanted:
@@ -107,7 +110,7 @@ class Scheduler:
                     if i is not None:
                         keep[a] = endpoints[i]
         room = self._max_candidates - len(keep)
-        if room > 0:
+        if room > 0:  # random draws may repeat an affinity endpoint: draw a few extra
             for i in self._rng.sample(range(len(endpoints)), min(len(endpoints), room + len(keep))):
                 keep.setdefault(endpoints[i].address, endpoints[i])
                 if len(keep) >= self._max_candidates:
