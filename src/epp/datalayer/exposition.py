@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from epp.datalayer.engines import EngineMapping, MetricSpec
 from epp.domain import EndpointMetrics
@@ -134,14 +134,32 @@ def extract(text: str, names: Iterable[str]) -> dict[str, list[Sample]]:
     return out
 
 
-def _first(text: str, specs: Iterable[MetricSpec]) -> float | None:
+LinesOf = Callable[[str], list[str]]
+_SMALL_PAGE = 8192  # a page filtered by ?name[]= is ~2 KB: one split beats one search per family
+
+
+def _lines_of(text: str) -> LinesOf:
+    """How to get a family's sample lines from this page, chosen by its size."""
+    if len(text) > _SMALL_PAGE:  # a full page (server ignored name[]): search for each family
+        return lambda name: _lines(text, name)
+    groups: dict[str, list[str]] = {}
+    for line in text.split("\n"):
+        if not line or line[0] == "#":
+            continue
+        brace, space = line.find("{"), line.find(" ")
+        end = brace if brace >= 0 and (space < 0 or brace < space) else space
+        groups.setdefault(line[:end] if end >= 0 else line, []).append(line.rstrip("\r"))
+    return lambda name: groups.get(name, [])
+
+
+def _first(lines_of: LinesOf, specs: Iterable[MetricSpec]) -> float | None:
     """Value of the first series of the first spec present (vLLM sets no timestamps: first wins).
 
     Labels are only tokenised when the spec constrains them.
     """
     for spec in specs:
         n = len(spec.name)
-        for line in _lines(text, spec.name):
+        for line in lines_of(spec.name):
             if not spec.labels:
                 return _parse_line(line, n, labels_wanted=False)[1]
             labels, value = _parse_line(line, n)
@@ -163,9 +181,10 @@ def _int(value: str | float | None) -> int:
 
 def parse_metrics(text: str, mapping: EngineMapping, now: float) -> EndpointMetrics:
     """One scrape's text → ``EndpointMetrics``; raises ``ExpositionError`` if a core gauge is missing."""
-    waiting = _first(text, mapping.waiting)
-    running = _first(text, mapping.running)
-    kv = _first(text, mapping.kv_usage)
+    lines_of = _lines_of(text)
+    waiting = _first(lines_of, mapping.waiting)
+    running = _first(lines_of, mapping.running)
+    kv = _first(lines_of, mapping.kv_usage)
     if waiting is None or running is None or kv is None:
         missing = [
             s[0].name
@@ -178,7 +197,7 @@ def parse_metrics(text: str, mapping: EngineMapping, now: float) -> EndpointMetr
     max_lora = 0
     if mapping.lora_info is not None:
         name_len = len(mapping.lora_info.name)
-        series = [(line, _line_value(line, name_len)) for line in _lines(text, mapping.lora_info.name)]
+        series = [(line, _line_value(line, name_len)) for line in lines_of(mapping.lora_info.name)]
         if series:
             # The newest state is the series with the largest value (a timestamp).  Servers
             # with whole-second timestamps (llm-d-inference-sim) tie within a second; then
@@ -191,12 +210,12 @@ def parse_metrics(text: str, mapping: EngineMapping, now: float) -> EndpointMetr
                     max_lora = max(max_lora, _int(_label(line, "max_lora")))
     block_size = num_blocks = 0
     if mapping.cache_info is not None:
-        lines = _lines(text, mapping.cache_info.name)
+        lines = lines_of(mapping.cache_info.name)
         if lines:
             block_size = _int(_label(lines[0], mapping.block_size_label))
             num_blocks = _int(_label(lines[0], mapping.num_blocks_label))
-    block_size = block_size or _int(_first(text, mapping.block_size))
-    num_blocks = num_blocks or _int(_first(text, mapping.num_blocks))
+    block_size = block_size or _int(_first(lines_of, mapping.block_size))
+    num_blocks = num_blocks or _int(_first(lines_of, mapping.num_blocks))
     return EndpointMetrics(
         waiting=_int(waiting) if math.isfinite(waiting) else 0,
         running=_int(running) if math.isfinite(running) else 0,
