@@ -97,3 +97,14 @@ def test_cli_parses_reference_flag_spellings(tmp_path):
     assert (s.grpc_port, s.secure_serving, s.refresh_metrics_interval) == (9102, False, 0.1)
     assert s.metrics_staleness_threshold == 60.0 and s.max_body_bytes == 1 << 20
     assert settings_from(build_parser().parse_args(["serve", "--pool-file", "p"])).secure_serving is True
+
+
+def test_cli_bad_scheduling_config_exits_2_naming_the_plugin(tmp_path, capsys):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("pool: {name: p, endpoints: ['127.0.0.1:1']}\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("plugins: [{type: nope-scorer}]\n")
+    assert main(["serve", "--pool-file", str(pool), "--config-file", str(cfg)]) == 2
+    assert "unknown plugin type 'nope-scorer'" in capsys.readouterr().err
+    assert main(["serve", "--pool-file", str(pool), "--scheduling-profile", "fancy"]) == 2
+    assert "unknown scheduling profile 'fancy'" in capsys.readouterr().err
