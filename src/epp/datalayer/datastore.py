@@ -186,25 +186,22 @@ class Datastore:
         return sum(self._requests.values())
 
     def _add(self, address: str, tokens: int) -> int:
-        self._requests[address] = self._requests.get(address, 0) + 1
-        self._tokens[address] = self._tokens.get(address, 0) + tokens
-        self._unseen[address] = self._unseen.get(address, 0) + 1
-        self._unseen_tokens[address] = self._unseen_tokens.get(address, 0) + tokens
+        _bump(self._requests, self._tokens, address, 1, tokens)
+        _bump(self._unseen, self._unseen_tokens, address, 1, tokens)
         return self._epoch.get(address, 0)
 
     def _sub(self, address: str, tokens: int, epoch: int) -> None:
         if epoch == self._epoch.get(address, 0) and address in self._unseen:  # finished before any scrape saw it
-            left_unseen = self._unseen[address] - 1
-            if left_unseen:
-                self._unseen[address] = left_unseen
-                self._unseen_tokens[address] -= tokens
-            else:
-                del self._unseen[address]
-                del self._unseen_tokens[address]
-        left = self._requests[address] - 1
-        if left:
-            self._requests[address] = left
-            self._tokens[address] -= tokens
-        else:
-            del self._requests[address]
-            del self._tokens[address]
+            _bump(self._unseen, self._unseen_tokens, address, -1, -tokens)
+        _bump(self._requests, self._tokens, address, -1, -tokens)
+
+
+def _bump(requests: dict[str, int], tokens: dict[str, int], address: str, dr: int, dt: int) -> None:
+    """Add to a pair of per-address counters; an address whose request count reaches 0 is dropped."""
+    left = requests.get(address, 0) + dr
+    if left:
+        requests[address] = left
+        tokens[address] = tokens.get(address, 0) + dt
+    else:
+        requests.pop(address, None)
+        tokens.pop(address, None)
