@@ -1,7 +1,11 @@
 """Builds epp from ``Settings`` and owns its lifetime: start, drain, stop.
 
 Everything long-lived is created here and passed down by constructor; nothing is a
-module-level singleton, so tests can run several Apps in one process.
+module-level singleton, so tests can run several Apps in one process.  Every
+background loop runs under one :class:`~epp.supervisor.Supervisor`.
+
+Health: ``liveness`` is SERVING while the process runs; ``readiness`` (and the other
+names Envoy or Kubernetes may ask for) is SERVING only while discovery knows the pool.
 """
 
 from __future__ import annotations
@@ -10,14 +14,15 @@ import asyncio
 import logging
 import random
 import signal
-import time
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from epp.config import PoolFile, Settings
+from epp.config import Settings
 from epp.datalayer import Datastore
 from epp.datalayer.scraper import ScrapeLoops
+from epp.discovery import PoolSource
 from epp.discovery.static import StaticPoolSource
 from epp.domain import Endpoint
 from epp.extproc.server import ExtProcServer, ExtProcServicer
@@ -26,8 +31,11 @@ from epp.extproc.tls import load_cert_dir, self_signed
 from epp.observability.metrics import EppMetrics, PodLoad, PoolCollector, PoolSnapshot
 from epp.routing import Router
 from epp.scheduling import EndpointPickerConfig, build_scheduler, load_config_file
+from epp.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+
+MIRROR_PROFILE = "least-loaded"  # the shadow pool's pick (load-aware mirroring)
 
 
 class App:
@@ -37,35 +45,35 @@ class App:
         self, settings: Settings, *, registry: CollectorRegistry | None = None, rng: random.Random | None = None
     ) -> None:
         self.settings = settings
+        rng = rng or random.Random()
         self.metrics = EppMetrics(registry)
-        self.datastore = Datastore()
-        self.pool_source = StaticPoolSource(
+        self.supervisor = Supervisor(on_failure=self._task_failed)
+        self.datastore = Datastore(staleness=settings.metrics_staleness_threshold)
+        self.discovery: PoolSource = StaticPoolSource(
             settings.pool_file, self.datastore, interval=settings.pool_file_poll_interval
         )
-        self.pool_file: PoolFile = self.pool_source.load()
         profile: str | EndpointPickerConfig = settings.scheduling_profile
         if settings.config_file:
             profile = load_config_file(settings.config_file)
-        self.scheduler = build_scheduler(
+        scheduler = build_scheduler(
             profile,
             self.datastore,
             rng=rng,
-            staleness=settings.metrics_staleness_threshold,
             max_endpoints=1 + settings.max_fallback_endpoints,
             observe=self.metrics.observe_plugin,
         )
         self.router = Router(
             self.datastore,
-            self.scheduler,
-            max_fallbacks=settings.max_fallback_endpoints,
+            scheduler,
+            mirror_scheduler=build_scheduler(MIRROR_PROFILE, self.datastore, rng=rng),
             rng=rng,
             observe_schedule=self.metrics.scheduler_e2e.observe,
-            staleness=settings.metrics_staleness_threshold,
         )
         self.metrics.registry.register(PoolCollector(self._pool_snapshot))
         interval = settings.refresh_metrics_interval
         self.scrapers = ScrapeLoops(
             self.datastore,
+            self.supervisor,
             interval=interval,
             on_error=self._scrape_failed,
             rng=rng,
@@ -73,19 +81,21 @@ class App:
             timeout=min(settings.metrics_staleness_threshold / 2, max(0.25, 5 * interval)),
         )
         self.servicer = ExtProcServicer(self.new_stream, self.metrics)
-        tls = None
+        self._tls = None
         if settings.secure_serving:
-            tls = load_cert_dir(settings.cert_path) if settings.cert_path else self_signed()
-        self.server = ExtProcServer(
-            self.servicer,
-            address=settings.bind_address,
-            port=settings.grpc_port,
-            health_port=settings.grpc_health_port,
-            tls=tls,
-        )
+            self._tls = load_cert_dir(settings.cert_path) if settings.cert_path else self_signed()
+        self._server: ExtProcServer | None = None
+        self._health_dirty = asyncio.Event()
         self._metrics_runner: web.AppRunner | None = None
         self.metrics_port = 0
         self._closed = False
+
+    @property
+    def server(self) -> ExtProcServer:
+        """The gRPC servers; they bind their ports in :meth:`start`, after discovery's first sync."""
+        if self._server is None:
+            raise RuntimeError("epp is not started")
+        return self._server
 
     @property
     def grpc_port(self) -> int:
@@ -95,29 +105,52 @@ class App:
     def health_port(self) -> int:
         return int(self.server.health_port)
 
+    @property
+    def serving(self) -> bool:
+        """What readiness reports."""
+        return self.datastore.ready and not self._closed
+
     def new_stream(self) -> ExtProcStream:
         return ExtProcStream(self.router, self.datastore, self.metrics, max_body_bytes=self.settings.max_body_bytes)
 
     def _pool_snapshot(self) -> PoolSnapshot:
-        store, now, max_age = self.datastore, time.monotonic(), self.settings.metrics_staleness_threshold
+        store = self.datastore
         pods = []
         for e in store.endpoints():
-            m = store.fresh_metrics(e.address, now, max_age)
-            if m is None:
-                pods.append(PodLoad(e.name, store.inflight(e.address)))
-            else:
-                pods.append(PodLoad(e.name, store.inflight(e.address), m.waiting, m.running, m.kv_usage))
-        return PoolSnapshot(name=store.pool_name, pods=pods)
+            m = store.fresh_metrics(e.address)
+            inflight = store.load.inflight(e.address)
+            pods.append(
+                PodLoad(e.name, inflight) if m is None else PodLoad(e.name, inflight, m.waiting, m.running, m.kv_usage)
+            )
+        return PoolSnapshot(name=store.pool.name if store.pool else "", pods=pods)
 
     def _scrape_failed(self, endpoint: Endpoint, reason: str) -> None:
-        pool = self.datastore.mirror_name if endpoint in self.datastore.mirror_endpoints() else self.datastore.pool_name
-        self.metrics.scrape_errors_total.labels(pool, endpoint.name, reason).inc()
+        pool = self.datastore.pool_of(endpoint.address)
+        self.metrics.scrape_errors_total.labels(pool.name if pool else "", endpoint.name, reason).inc()
+
+    def _task_failed(self, name: str) -> None:
+        self.metrics.background_failures_total.labels(name.split(" ", 1)[0]).inc()
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _follow_health(self) -> None:
+        """Readiness follows discovery: every datastore change re-applies ``serving``."""
+        while True:
+            await self._health_dirty.wait()
+            self._health_dirty.clear()
+            await self.server.set_serving(self.serving)
+
     async def start(self) -> None:
+        await self.discovery.sync()  # a bad pool file raises ConfigError here (exit code 2), before any bind
+        self._server = ExtProcServer(
+            self.servicer,
+            address=self.settings.bind_address,
+            port=self.settings.grpc_port,
+            health_port=self.settings.grpc_health_port,
+            tls=self._tls,
+        )
         await self.server.start()
         http = web.Application()
         http.router.add_get("/metrics", self._metrics_handler)
@@ -128,13 +161,16 @@ class App:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.metrics_port = sockets[0].getsockname()[1] if sockets else self.settings.metrics_port
-        self.pool_source.start()
+        self.datastore.on_change(self._health_dirty.set)
+        await self.server.set_serving(self.serving)
+        self.supervisor.spawn("health", self._follow_health)
+        self.supervisor.spawn("discovery", self.discovery.run)
         if self.settings.refresh_metrics_interval > 0:  # 0 turns scraping off (non-vLLM backends, benchmarks)
             self.scrapers.start()
-        await self.server.set_serving(self.datastore.synced)
+        pool = self.datastore.pool
         log.info(
             "epp serving pool %s (%d endpoints): ext_proc :%d (%s), health :%d, metrics :%d",
-            self.datastore.pool_name,
+            pool.name if pool else "-",
             len(self.datastore.endpoints()),
             self.grpc_port,
             "tls" if self.settings.secure_serving else "plaintext",
@@ -142,26 +178,42 @@ class App:
             self.metrics_port,
         )
 
+    def ready_line(self) -> dict[str, object]:
+        """The readiness contract of ``epp serve``: printed once as one JSON line on stdout."""
+        pool = self.datastore.pool
+        return {
+            "event": "ready",
+            "grpc_port": self.grpc_port,
+            "health_port": self.health_port,
+            "metrics_port": self.metrics_port,
+            "pool": pool.name if pool else None,
+            "endpoints": len(self.datastore.endpoints()),
+            "tls": self.settings.secure_serving,
+        }
+
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting streams, let open ones finish (bounded), then stop everything."""
         if self._closed:
             return
         self._closed = True
-        await self.pool_source.aclose()
-        await self.server.drain(self.settings.drain_timeout if timeout is None else timeout)
-        await self.scrapers.aclose()
+        if self._server is not None:
+            await self._server.drain(self.settings.drain_timeout if timeout is None else timeout)
+        self.scrapers.close()
+        await self.supervisor.aclose()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 
     async def aclose(self) -> None:
         await self.drain(0)
 
-    async def serve_until_signal(self) -> int:
+    async def serve_until_signal(self, on_ready: Callable[[App], None] | None = None) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        if on_ready is not None:
+            on_ready(self)
         await stop.wait()
         log.info("signal received: draining")
         await self.drain()

@@ -1,6 +1,8 @@
 """Command line: argument parsing only, producing one immutable ``Settings``.
 
-epp serve         run the endpoint picker
+epp serve         run the endpoint picker; once ready it prints one JSON line on stdout,
+                  {"event": "ready", "grpc_port": N, "health_port": N, "metrics_port": N, ...}
+                  (logs go to stderr)
 epp envoy-config  render an Envoy bootstrap for a pool file
 epp check-config  validate a pool file and exit
 """
@@ -8,7 +10,7 @@ epp check-config  validate a pool file and exit
 from __future__ import annotations
 
 import argparse
-import random
+import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -137,17 +139,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-def _check_scheduling(settings: Settings) -> None:
-    """Fail at start, with exit code 2, on a bad profile name or config file."""
-    from epp.scheduling import builtin_config, load_config_file
-    from epp.scheduling.profile import build_profile
-
-    config = (
-        load_config_file(settings.config_file) if settings.config_file else builtin_config(settings.scheduling_profile)
-    )
-    build_profile(config, random.Random(), settings.config_file or settings.scheduling_profile)
-
-
 def _serve(settings: Settings) -> int:
     import uvloop
 
@@ -156,9 +147,14 @@ def _serve(settings: Settings) -> int:
 
     setup_logging(settings.log_level, settings.log_format)
 
+    def ready(app: App) -> None:
+        # the readiness contract: one JSON line on stdout once every port is bound and the pool known
+        sys.stdout.write(json.dumps(app.ready_line()) + "\n")
+        sys.stdout.flush()
+
     async def run() -> int:
-        app = App(settings)
-        return await app.serve_until_signal()
+        app = App(settings)  # a bad pool file, profile name or config file raises ConfigError: exit code 2
+        return await app.serve_until_signal(ready)
 
     return uvloop.run(run())
 
@@ -212,9 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            settings = settings_from(args)
-            _check_scheduling(settings)
-            return _serve(settings)
+            return _serve(settings_from(args))
         if args.command == "envoy-config":
             return _envoy_config(args)
         if args.command == "demo":

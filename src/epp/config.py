@@ -12,12 +12,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from epp.domain import Criticality, Endpoint, ModelPolicy, TargetModel
+from epp.domain import Criticality, Endpoint, FailureMode, ModelPolicies, ModelPolicy, Pool, TargetModel
 from epp.errors import ConfigError
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -79,7 +80,7 @@ class PoolSpec(_Strict):
     name: str
     namespace: str = "default"
     engine: Literal["vllm", "sglang", "trtllm-serve", "triton-tensorrt-llm"] = "vllm"
-    failure_mode: Literal["FailOpen", "FailClose"] = Field("FailClose", alias="failureMode")
+    failure_mode: FailureMode = Field(FailureMode.FAIL_CLOSE, alias="failureMode")
     endpoints: list[Annotated[str, Field()] | EndpointSpec] = Field(default_factory=list)
 
     @field_validator("endpoints")
@@ -100,9 +101,22 @@ class PoolSpec(_Strict):
                 out.append(Endpoint(address=item, name=f"{self.name}-{i}"))
             else:
                 out.append(
-                    Endpoint(address=item.address, name=item.name or f"{self.name}-{i}", labels=dict(item.labels))
+                    Endpoint(
+                        address=item.address,
+                        name=item.name or f"{self.name}-{i}",
+                        labels=MappingProxyType(dict(item.labels)),
+                    )
                 )
         return tuple(out)
+
+    def to_pool(self) -> Pool:
+        return Pool(
+            name=self.name,
+            namespace=self.namespace,
+            engine=self.engine,
+            failure_mode=self.failure_mode,
+            endpoints=self.endpoint_list(),
+        )
 
 
 class TargetModelSpec(_Strict):
@@ -148,13 +162,9 @@ class PoolFile(_Strict):
                 raise ValueError(f"duplicate modelName {sorted(dup)[0]}")
         return v
 
-    def objective_priorities(self) -> dict[str, int]:
-        return {o.name: o.priority for o in self.objectives}
-
-    def policies(self) -> dict[str, ModelPolicy] | None:
-        if self.models is None:
-            return None
-        return {m.model_name: m.policy() for m in self.models}
+    def policies(self) -> ModelPolicies:
+        models = None if self.models is None else {m.model_name: m.policy() for m in self.models}
+        return ModelPolicies.of(models, {o.name: o.priority for o in self.objectives})
 
 
 def _location(loc: Sequence[int | str]) -> str:

@@ -18,16 +18,11 @@ from typing import Any
 
 import orjson
 
-from epp.domain import Criticality, InferenceRequest
+from epp.domain import InferenceRequest, estimate_tokens
 from epp.errors import BadRequest
 
-CHARS_PER_TOKEN = 4
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
-
-
-def estimate_tokens(text: str) -> int:
-    return (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
 
 
 def new_request_id() -> str:
@@ -80,21 +75,14 @@ def parse_inference_request(
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a non-empty string")
     prompt = _prompt_text(path, doc)
-    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
-    stream_options = doc.get("stream_options")
-    stream = doc.get("stream") is True
     request = InferenceRequest(
         request_id=request_id or new_request_id(),
         model=model,
         target_model=model,
         prompt=prompt,
         prompt_tokens=estimate_tokens(prompt),
-        max_tokens=max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else None,
-        stream=stream,
-        include_usage=stream and isinstance(stream_options, dict) and stream_options.get("include_usage") is True,
-        path=path,
+        stream=doc.get("stream") is True,
         subset=subset,
-        criticality=Criticality.STANDARD,
         headers=headers,
     )
     return request, doc

@@ -68,7 +68,7 @@ async def test_full_duplex_defers_headers_until_body_end_and_rewrites_model(app,
     assert sent["model"] == "m-target" and sent["prompt"] == "hello world"
     assert hdrs["content-length"] == str(len(streamed.body))
     assert "x-request-id" in hdrs
-    assert app.datastore.inflight(primary) == 1
+    assert app.datastore.load.inflight(primary) == 1
     # response path: status, JSON usage, reverse rewrite, pass-through chunking
     r = await client.send(call, response_headers(200, {"content-type": "application/json"}), 1)
     assert r[0].WhichOneof("response") == "response_headers"
@@ -79,7 +79,7 @@ async def test_full_duplex_defers_headers_until_body_end_and_rewrites_model(app,
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF
     await app.servicer.wait_idle()
-    assert app.datastore.total_inflight() == 0
+    assert app.datastore.load.total_inflight() == 0
     labels = {"model_name": "m", "target_model_name": "m-target"}
     assert value(app, "inference_model_request_total", labels) == 1
     assert value(app, "inference_model_output_tokens_sum", labels) == 5
@@ -119,7 +119,7 @@ async def test_buffered_mode_answers_headers_at_once_and_routes_in_body_reply(ap
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF
     await app.servicer.wait_idle()
-    assert app.datastore.total_inflight() == 0
+    assert app.datastore.load.total_inflight() == 0
 
 
 async def test_bodyless_get_is_routed_on_headers(app, client):
@@ -159,7 +159,7 @@ async def test_rejections_are_immediate_json_errors_and_leak_nothing(
     err = orjson.loads(imm.body)["error"]
     assert err["type"] == reason and err["code"] == status and err["message"]
     await app.servicer.wait_idle()
-    assert app.datastore.total_inflight() == 0
+    assert app.datastore.load.total_inflight() == 0
 
 
 async def test_no_endpoints_gives_503(write_pool, start_app, client_for):
@@ -192,11 +192,11 @@ async def test_least_inflight_spreads_concurrent_requests(app, client):
         picked.append(set_headers(replies[0])["x-gateway-destination-endpoint"])
         calls.append(call)
     assert sorted(picked) == sorted([A, A, B, B])
-    assert app.datastore.inflight(A) == 2 and app.datastore.inflight(B) == 2
+    assert app.datastore.load.inflight(A) == 2 and app.datastore.load.inflight(B) == 2
     for call in calls:
         call.cancel()
     await app.servicer.wait_idle()
-    assert app.datastore.total_inflight() == 0
+    assert app.datastore.load.total_inflight() == 0
 
 
 async def test_sse_usage_split_across_chunks_is_counted(app, client):
@@ -246,13 +246,13 @@ async def test_cancellation_never_leaks_inflight(app, client, where):
         await call.write(request_body(b'{"model":', end_of_stream=False))
     else:
         await client.send(call, request_body(body_of(), True), 2)
-        assert app.datastore.total_inflight() == 1
+        assert app.datastore.load.total_inflight() == 1
         if where == "mid-response":
             await client.send(call, response_headers(200), 1)
             await client.send(call, response_body(b"partial", False), 1)
     call.cancel()
     await asyncio.wait_for(app.servicer.wait_idle(), 5)
-    assert app.datastore.total_inflight() == 0
+    assert app.datastore.load.total_inflight() == 0
     assert value(app, "inference_model_running_requests", {"model_name": "m"}) == 0
 
 
@@ -261,11 +261,11 @@ async def test_served_endpoint_reported_by_envoy_takes_the_inflight_claim(app, c
     await call.write(request_headers(metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": [A]}}))
     replies = await client.send(call, request_body(body_of(), True), 2)
     assert set_headers(replies[0])["x-gateway-destination-endpoint"] == A
-    assert app.datastore.inflight(A) == 1
+    assert app.datastore.load.inflight(A) == 1
     await client.send(call, response_headers(200, served=B), 1)
-    assert app.datastore.inflight(A) == 0 and app.datastore.inflight(B) == 1
+    assert app.datastore.load.inflight(A) == 0 and app.datastore.load.inflight(B) == 1
     await client.send(call, response_body(b"{}", True), 1)
-    assert app.datastore.total_inflight() == 0
+    assert app.datastore.load.total_inflight() == 0
     await call.done_writing()
     await call.read()
 
@@ -276,7 +276,7 @@ async def test_response_trailers_end_the_request(app, client):
         response_body(b"{}", False), response_trailers(),
     ])
     assert replies[-1].WhichOneof("response") == "response_trailers"
-    assert app.datastore.total_inflight() == 0
+    assert app.datastore.load.total_inflight() == 0
 
 
 async def test_upstream_error_status_is_counted(app, client):
@@ -313,8 +313,8 @@ async def test_pool_file_change_adds_and_removes_endpoints(write_pool, start_app
     app = await start_app(path)
     assert [e.address for e in app.datastore.endpoints()] == [A]
     write_pool([B])
-    app.pool_source.changed.clear()
-    await asyncio.wait_for(app.pool_source.changed.wait(), 5)
+    app.discovery.changed.clear()
+    await asyncio.wait_for(app.discovery.changed.wait(), 5)
     assert [e.address for e in app.datastore.endpoints()] == [B]
     replies = await client_for(app).run([request_headers(method="GET", end_of_stream=True)])
     assert set_headers(replies[0])["x-gateway-destination-endpoint"] == B

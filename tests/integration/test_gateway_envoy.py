@@ -147,7 +147,7 @@ async def test_requests_land_on_the_endpoint_epp_chose_with_the_rewritten_body(g
         served.append(upstream.name)
     assert sorted(served) == ["pod-0"] * 3 + ["pod-1"] * 3  # in-flight load spreads them evenly
     await gw.app.servicer.wait_idle()
-    assert gw.app.datastore.total_inflight() == 0
+    assert gw.app.datastore.load.total_inflight() == 0
     labels = {"model_name": "m", "target_model_name": "m-target"}
     assert gw.value("inference_model_request_total", labels) == 6
     assert gw.value("inference_model_output_tokens_sum", labels) == 18
@@ -167,7 +167,7 @@ async def test_sse_stream_reaches_the_client_intact_and_usage_is_counted(gateway
     labels = {"model_name": "m", "target_model_name": "m-target"}
     assert gw.value("inference_model_output_tokens_sum", labels) == 3
     assert gw.value("inference_model_input_tokens_sum", labels) == 7
-    assert gw.app.datastore.total_inflight() == 0
+    assert gw.app.datastore.load.total_inflight() == 0
 
 
 @pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
@@ -179,7 +179,7 @@ async def test_bodyless_get_is_routed(gateway, body_mode):
     upstream = next(u for u in gw.upstreams if u.name == name)
     assert upstream.seen[-1].headers["x-gateway-destination-endpoint"] == upstream.address
     assert upstream.seen[-1].headers.get("x-request-id") == "req-42", upstream.seen[-1].headers
-    assert gw.app.datastore.total_inflight() == 0
+    assert gw.app.datastore.load.total_inflight() == 0
 
 
 @pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
@@ -199,13 +199,13 @@ async def test_bad_inputs_get_their_status_and_json_body_through_envoy(gateway, 
         assert err["code"] == expected and err["message"]
     assert all(not u.seen for u in gw.upstreams)
     # empty the pool while serving: no ready endpoint → 503
-    gw.app.pool_source.changed.clear()
+    gw.app.discovery.changed.clear()
     write_yaml(Path(gw.app.settings.pool_file), {"pool": {"name": "test-pool", "endpoints": []}})
-    await asyncio.wait_for(gw.app.pool_source.changed.wait(), 10)
+    await asyncio.wait_for(gw.app.discovery.changed.wait(), 10)
     status, _, body = await gw.post(COMPLETION)
     assert status == 503 and orjson.loads(body)["error"]["code"] == 503
     await gw.app.servicer.wait_idle()
-    assert gw.app.datastore.total_inflight() == 0
+    assert gw.app.datastore.load.total_inflight() == 0
     assert gw.value("inference_model_running_requests", {"model_name": "m"}) == 0
     status, _, _ = await gw.post(data=b"[]")  # and epp still serves
     assert status == 400
@@ -282,7 +282,7 @@ async def test_served_endpoint_is_the_one_epp_accounts_when_envoy_falls_back(gat
     status, headers, _ = await asyncio.wait_for(task, 10)
     assert status == 200 and headers["x-served-by"] == "pod-0"
     await gw.app.servicer.wait_idle()
-    assert gw.app.datastore.total_inflight() == 0
+    assert gw.app.datastore.load.total_inflight() == 0
 
 
 async def test_served_endpoint_moves_the_inflight_claim_during_a_stream(gateway):
@@ -295,12 +295,12 @@ async def test_served_endpoint_moves_the_inflight_claim_during_a_stream(gateway)
         assert r.status == 200
         # response headers have passed epp (full duplex holds them for its reply) and the
         # body is held open: the claim sits on the endpoint Envoy used
-        assert gw.app.datastore.inflight(pod.address) == 1
-        assert gw.app.datastore.inflight(ghost) == 0
+        assert gw.app.datastore.load.inflight(pod.address) == 1
+        assert gw.app.datastore.load.inflight(ghost) == 0
         pod.hold_body.set()
         await r.read()
     await gw.app.servicer.wait_idle()
-    assert gw.app.datastore.total_inflight() == 0
+    assert gw.app.datastore.load.total_inflight() == 0
 
 
 async def test_mirror_gets_a_copy_and_the_client_only_sees_the_primary(gateway):

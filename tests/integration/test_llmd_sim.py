@@ -283,7 +283,7 @@ async def test_epp_reads_llmd_sim_metrics_and_routes_through_envoy_to_both(fleet
         await until(fleet, lambda seen: all(
             seen[a].last.running == 0 and seen[a].last.waiting == 0 and seen[a].last.kv_usage == 0
             for a in addresses), 10, "the pods idle again")
-        assert fleet.app.datastore.total_inflight() == 0
+        assert fleet.app.datastore.load.total_inflight() == 0
         # ... and each pod's own request counter agrees with the x-inference-pod headers.
         for s in fleet.sims:
             await sim_counter_reaches(fleet, s, "vllm:request_success_total", sum(r.pod == s.name for r in results))

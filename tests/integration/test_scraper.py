@@ -12,7 +12,10 @@ from epp.datalayer import Datastore
 from epp.datalayer.engines import ENGINES
 from epp.datalayer.scraper import EndpointScraper, ScrapeLoops
 from epp.domain import Endpoint
+from epp.supervisor import Supervisor
 from vllm_page import vllm_exposition
+
+from support import pool
 
 
 @dataclass
@@ -63,21 +66,23 @@ async def pods():
 
 
 def scraper_for(pod: MetricsPod, store: Datastore, **kw) -> EndpointScraper:
-    store.set_pool([*store.endpoints(), pod.endpoint])
+    store.set_pool(pool([*store.endpoints(), pod.endpoint]))
     return EndpointScraper(pod.endpoint, ENGINES["vllm"], store, timeout=kw.pop("timeout", 2.0), **kw)
 
 
 async def test_scrape_stores_metrics_and_asks_only_for_needed_families(pods):
     pod = await pods()
-    store = Datastore("p")
-    clock = iter([100.0])
-    s = scraper_for(pod, store, clock=lambda: next(clock))
+    now = [100.0]
+    store = Datastore(staleness=2.0, clock=lambda: now[0])
+    s = scraper_for(pod, store, clock=lambda: now[0])
     assert await s.scrape_once()
     m = store.metrics(pod.endpoint.address)
     assert m is not None and (m.running, m.waiting, m.max_lora, m.updated_at) == (12, 3, 4, 100.0)
     assert set(pod.queries[0]) == set(ENGINES["vllm"].families())
-    assert store.fresh_metrics(pod.endpoint.address, now=101.0, max_age=2.0) is m
-    assert store.fresh_metrics(pod.endpoint.address, now=102.5, max_age=2.0) is None  # stale
+    now[0] = 101.0
+    assert store.fresh_metrics(pod.endpoint.address) is m
+    now[0] = 102.5
+    assert store.fresh_metrics(pod.endpoint.address) is None  # stale
 
 
 @pytest.mark.parametrize(
@@ -92,7 +97,7 @@ async def test_scrape_stores_metrics_and_asks_only_for_needed_families(pods):
 )
 async def test_bad_pods_are_counted_and_keep_their_last_metrics(pods, setup, reason):
     pod = await pods()
-    store = Datastore("p")
+    store = Datastore()
     errors: list[str] = []
     s = scraper_for(pod, store, on_error=lambda _e, r: errors.append(r))
     assert await s.scrape_once()
@@ -105,9 +110,9 @@ async def test_bad_pods_are_counted_and_keep_their_last_metrics(pods, setup, rea
 
 
 async def test_unreachable_pod_is_a_connection_error():
-    store = Datastore("p")
+    store = Datastore()
     ghost = Endpoint("127.0.0.1:9", "ghost")
-    store.set_pool([ghost])
+    store.set_pool(pool([ghost]))
     errors: list[str] = []
     s = EndpointScraper(ghost, ENGINES["vllm"], store, timeout=2, on_error=lambda _e, r: errors.append(r))
     assert not await s.scrape_once() and errors == ["connection"] and store.metrics(ghost.address) is None
@@ -116,7 +121,7 @@ async def test_unreachable_pod_is_a_connection_error():
 async def test_a_slow_pod_times_out_without_blocking_others(pods):
     slow = await pods(stall=asyncio.Event())
     fast = await pods()
-    store = Datastore("p")
+    store = Datastore()
     errors: list[str] = []
     slow_s = scraper_for(slow, store, timeout=1.0, on_error=lambda _e, r: errors.append(r))
     fast_s = scraper_for(fast, store)
@@ -129,14 +134,15 @@ async def test_a_slow_pod_times_out_without_blocking_others(pods):
 
 async def test_loops_follow_pool_membership(pods):
     a, b = await pods(), await pods()
-    store = Datastore("p")
-    store.set_pool([a.endpoint, b.endpoint])
-    loops = ScrapeLoops(store, interval=0.02, timeout=1.0)
+    store = Datastore()
+    store.set_pool(pool([a.endpoint, b.endpoint]))
+    supervisor = Supervisor()
+    loops = ScrapeLoops(store, supervisor, interval=0.02, timeout=1.0)
     loops.start()
     try:
         await asyncio.wait_for(asyncio.gather(a.hit.wait(), b.hit.wait()), 10)
         assert set(loops.scrapers) == {a.endpoint.address, b.endpoint.address}
-        store.set_pool([a.endpoint])
+        store.set_pool(pool([a.endpoint]))
         assert set(loops.scrapers) == {a.endpoint.address}
         seen_b = len(b.queries)
         for _ in range(3):  # a is still scraped ...
@@ -144,5 +150,6 @@ async def test_loops_follow_pool_membership(pods):
             await asyncio.wait_for(a.hit.wait(), 10)
         assert len(b.queries) <= seen_b + 1  # ... b no more (one request may have been on the wire)
     finally:
-        await loops.aclose()
+        loops.close()
+        await supervisor.aclose()
     assert store.metrics(a.endpoint.address) is not None

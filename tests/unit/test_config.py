@@ -4,7 +4,7 @@ import pytest
 
 from epp.cli import main
 from epp.config import parse_bool, parse_duration, parse_pool_file
-from epp.domain import Criticality
+from epp.domain import Criticality, FailureMode
 from epp.errors import ConfigError
 
 
@@ -47,10 +47,14 @@ mirror:
     eps = pf.pool.endpoint_list()
     assert [e.address for e in eps] == ["127.0.0.1:8001", "127.0.0.1:8002"]
     assert eps[1].name == "pod-b" and eps[0].name == "vllm-llama2-7b-pool-0"
-    policy = pf.policies()["/model/llama2"]
+    policies = pf.policies()
+    assert policies.models is not None
+    policy = policies.models["/model/llama2"]
     assert policy.criticality is Criticality.CRITICAL and policy.targets[0].weight == 100
     assert pf.mirror is not None and pf.mirror.endpoint_list()[0].port == 8101
-    assert pf.pool.failure_mode == "FailClose"
+    assert pf.pool.failure_mode is FailureMode.FAIL_CLOSE
+    pool = pf.pool.to_pool()
+    assert (pool.name, pool.namespace, pool.endpoints) == ("vllm-llama2-7b-pool", "default", tuple(eps))
 
 
 @pytest.mark.parametrize(

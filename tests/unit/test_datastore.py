@@ -1,63 +1,111 @@
 from __future__ import annotations
 
-from epp.datalayer import Datastore
-from epp.domain import Endpoint
+import pytest
 
-A, B = Endpoint("10.0.0.1:80", "a"), Endpoint("10.0.0.2:80", "b")
+from epp.datalayer import Datastore
+from epp.domain import Endpoint, EndpointMetrics, ModelPolicies
+
+from support import datastore, pool
+
+A, B, C = Endpoint("10.0.0.1:80", "a"), Endpoint("10.0.0.2:80", "b"), Endpoint("10.0.0.3:80", "c")
 
 
 def test_ticket_releases_exactly_once():
-    store = Datastore("p")
-    store.set_pool([A, B])
-    t = store.acquire(A, tokens=10)
-    assert (store.inflight(A.address), store.inflight_tokens(A.address)) == (1, 10)
+    store = datastore([A, B])
+    t = store.load.acquire(A, tokens=10)
+    assert (store.load.inflight(A.address), store.load.tokens[A.address]) == (1, 10)
     assert t.release() is True
     assert t.release() is False
-    assert store.total_inflight() == 0 and store.inflight_tokens(A.address) == 0
+    assert store.load.total_inflight() == 0 and A.address not in store.load.tokens
 
 
 def test_ticket_moves_to_served_endpoint():
-    store = Datastore("p")
-    store.set_pool([A, B])
-    t = store.acquire(A, tokens=5)
+    store = datastore([A, B])
+    t = store.load.acquire(A, tokens=5)
     t.move_to(B.address)
-    assert store.inflight(A.address) == 0 and store.inflight(B.address) == 1
+    assert store.load.inflight(A.address) == 0 and store.load.inflight(B.address) == 1
     t.release()
     t.move_to(A.address)  # after release: no effect
-    assert store.total_inflight() == 0
+    assert store.load.total_inflight() == 0
 
 
 def test_release_after_endpoint_left_the_pool():
-    store = Datastore("p")
-    store.set_pool([A, B])
-    t = store.acquire(B)
-    store.set_pool([A])
-    assert store.get(B.address) is None and store.inflight(B.address) == 1
+    store = datastore([A, B])
+    t = store.load.acquire(B)
+    store.set_pool(pool([A]))
+    assert store.get(B.address) is None and store.load.inflight(B.address) == 1
     t.release()
-    assert store.total_inflight() == 0
+    assert store.load.total_inflight() == 0 and store.load.unseen == {}
 
 
-def test_change_listeners_and_synced():
+def test_readiness_follows_the_pool_and_listeners_see_every_change():
     store = Datastore()
     calls = []
     store.on_change(lambda: calls.append(len(store.endpoints())))
-    assert not store.synced
-    store.set_pool([A], pool_name="p")
-    assert store.synced and calls == [1] and store.pool_name == "p"
+    assert not store.ready and store.endpoints() == ()
+    store.set_pool(pool([A]))
+    store.set_policies(ModelPolicies.of({}))
+    store.set_pool(None)  # the InferencePool was deleted
+    assert calls == [1, 1, 0] and not store.ready and store.endpoints() == ()
 
 
 def test_unseen_load_counts_requests_sent_since_the_last_scrape():
-    from epp.domain import EndpointMetrics
-
-    store = Datastore("p")
-    store.set_pool([A, B])
-    early = store.acquire(A, tokens=10)
-    assert store.unseen_counts() == {A.address: 1} and store.unseen_token_counts() == {A.address: 10}
+    store = datastore([A, B])
+    early = store.load.acquire(A, tokens=10)
+    assert store.load.unseen == {A.address: 1} and store.load.unseen_tokens == {A.address: 10}
     store.set_metrics(A.address, EndpointMetrics(waiting=1))  # the scrape now shows it
-    assert store.unseen_counts() == {}
-    late = store.acquire(A, tokens=5)
-    assert store.unseen_counts() == {A.address: 1}
+    assert store.load.unseen == {}
+    late = store.load.acquire(A, tokens=5)
+    assert store.load.unseen == {A.address: 1}
     early.release()  # seen by the scrape: not in the unseen count
-    assert store.unseen_counts() == {A.address: 1}
+    assert store.load.unseen == {A.address: 1}
     late.release()  # finished before any scrape saw it
-    assert store.unseen_counts() == {} and store.total_inflight() == 0
+    assert store.load.unseen == {} and store.load.total_inflight() == 0
+
+
+def test_staleness_is_judged_by_the_datastores_own_clock():
+    now = [100.0]
+    store = datastore([A, B], clock=lambda: now[0], staleness=2.0)
+    store.set_metrics(A.address, EndpointMetrics(waiting=3, updated_at=99.0))
+    store.set_metrics(B.address, EndpointMetrics(waiting=4, updated_at=97.5))
+    assert store.fresh_metrics(A.address) is not None and store.fresh_metrics(B.address) is None
+    fresh = store.fresh_metrics_of([A.address, B.address, C.address])
+    assert [m.waiting if m else None for m in fresh] == [3, None, None]
+    now[0] = 101.5
+    assert store.fresh_metrics(A.address) is None and store.metrics(A.address) is not None  # stale, not forgotten
+
+
+def test_views_are_read_only():
+    store = datastore([A], models={})
+    store.load.acquire(A)
+    with pytest.raises(TypeError):
+        store.load.requests[A.address] = 0  # type: ignore[index]
+    with pytest.raises(TypeError):
+        store.policies.objectives["x"] = 1  # type: ignore[index]
+    with pytest.raises(TypeError):
+        store.metrics_view[A.address] = EndpointMetrics()  # type: ignore[index]
+    store.set_metrics(A.address, EndpointMetrics(active_adapters=frozenset({"lora"})))
+    assert isinstance(store.endpoints_with_adapter("lora"), frozenset)
+    assert isinstance(store.endpoints(), tuple)
+
+
+def test_mirror_pool_membership_and_pool_of():
+    store = datastore([A, B], mirror=[C])
+    assert store.endpoints() == (A, B) and store.mirror_endpoints() == (C,)
+    assert sorted(e.name for e in store.all_endpoints()) == ["a", "b", "c"]
+    assert store.pool_of(C.address).name == "p-shadow" and store.pool_of(A.address).name == "p"
+    store.set_mirror(None)
+    assert store.pool_of(C.address) is None and store.get(C.address) is None
+
+
+def test_metrics_and_adapter_index_follow_membership():
+    store = datastore([A, B])
+    store.set_metrics(A.address, EndpointMetrics(active_adapters=frozenset({"x"})))
+    store.set_metrics(B.address, EndpointMetrics(active_adapters=frozenset({"x", "y"})))
+    assert store.endpoints_with_adapter("x") == {A.address, B.address}
+    store.set_metrics(B.address, EndpointMetrics(active_adapters=frozenset({"y"})))
+    assert store.endpoints_with_adapter("x") == {A.address}
+    store.set_pool(pool([A]))  # B left: its metrics and adapters go
+    assert store.metrics(B.address) is None and store.endpoints_with_adapter("y") == frozenset()
+    store.set_metrics(B.address, EndpointMetrics())  # a late scrape of a departed endpoint is ignored
+    assert store.metrics(B.address) is None

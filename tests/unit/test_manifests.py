@@ -14,7 +14,7 @@ import yaml
 
 from epp.cli import build_parser
 from epp.config import PoolFile, parse_pool_file
-from epp.extproc.protocol import MIRROR_HEADER
+from epp.wire import MIRROR_HEADER
 
 ROOT = Path(__file__).resolve().parents[2] / "manifests"
 

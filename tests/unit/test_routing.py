@@ -6,11 +6,12 @@ import random
 import orjson
 import pytest
 
-from epp.datalayer import Datastore
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, TargetModel
 from epp.errors import ModelNotFound, NoEndpoints
 from epp.routing import Router, choose_target, filter_subset, parse_subset
 from epp.scheduling import build_scheduler
+
+from support import datastore
 
 EPS = [Endpoint("10.0.0.1:8000", "a"), Endpoint("10.0.0.1:8001", "b"), Endpoint("10.0.0.2:8000", "c")]
 
@@ -53,10 +54,8 @@ def test_zero_weights_are_uniform_and_no_targets_is_none():
 
 
 def make_router(policies=None, endpoints=EPS):
-    store = Datastore("p")
-    store.set_pool(endpoints, policies=policies)
-    return Router(store, build_scheduler("least-inflight", store, rng=random.Random(3), max_endpoints=2),
-                  max_fallbacks=1), store
+    store = datastore(endpoints, models=policies)
+    return Router(store, build_scheduler("least-inflight", store, rng=random.Random(3), max_endpoints=2)), store
 
 
 def test_model_policy_rewrites_body_and_sets_criticality():
@@ -88,6 +87,6 @@ def test_no_endpoints():
 
 def test_least_inflight_prefers_idle_endpoints():
     router, store = make_router(None)
-    store.acquire(EPS[0])
-    store.acquire(EPS[1])
+    store.load.acquire(EPS[0])
+    store.load.acquire(EPS[1])
     assert router.route(req(), {"model": "m"}).primary.name == "c"

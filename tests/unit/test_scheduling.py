@@ -29,6 +29,8 @@ from epp.scheduling.scorers import (
     RunningRequestsScorer,
 )
 
+from support import datastore
+
 EPS = [Endpoint(f"127.0.0.{i + 1}:8000", f"pod-{i}") for i in range(4)]
 NOW = 100.0
 
@@ -194,15 +196,14 @@ saturationDetector: {pluginRef: utilization-detector}
 
 def test_utilization_detector():
     d = UtilizationDetector()
-    assert d.saturation(cands([m(waiting=5), m(kv=0.8)])) == pytest.approx(1.0)
-    assert d.saturation(cands([m(waiting=1), None])) == pytest.approx(0.6)  # stale counts as saturated
+    assert d.saturation([m(waiting=5), m(kv=0.8)]) == pytest.approx(1.0)
+    assert d.saturation([m(waiting=1), None]) == pytest.approx(0.6)  # stale counts as saturated
     assert d.filter(req(), cands([m(waiting=1), m(waiting=9), None])) == [0]
     assert d.filter(req(), cands([m(waiting=9), None])) == [0, 1]  # never filters everything
 
 
-def store_with(metrics) -> Datastore:
-    s = Datastore("p")
-    s.set_pool(EPS[: len(metrics)], objectives={"batch": -1, "chat": 5})
+def store_with(metrics, models=None) -> Datastore:
+    s = datastore(EPS[: len(metrics)], models=models, objectives={"batch": -1, "chat": 5}, clock=lambda: NOW)
     for e, mm in zip(EPS, metrics, strict=False):
         if mm is not None:
             s.set_metrics(e.address, mm)
@@ -221,18 +222,19 @@ def store_with(metrics) -> Datastore:
 )
 def test_shedding_by_criticality(crit, metrics, shed):
     store = store_with(metrics)
-    sched = build_scheduler("epp-default", store, clock=lambda: NOW)
+    sched = build_scheduler("epp-default", store)
     if shed:
         with pytest.raises(Shed):
-            sched.schedule(req(crit=crit), EPS[:2])
+            sched.admit(req(crit=crit), EPS[:2])
     else:
+        sched.admit(req(crit=crit), EPS[:2])
         assert sched.schedule(req(crit=crit), EPS[:2])
 
 
 @pytest.mark.parametrize(("objective", "shed"), [("batch", True), ("chat", False), ("unknown", False), (None, False)])
 def test_shedding_by_objective_priority(objective, shed):
     store = store_with([m(waiting=9), m(waiting=9)])
-    router = Router(store, build_scheduler("epp-default", store, clock=lambda: NOW))
+    router = Router(store, build_scheduler("epp-default", store))
     headers = {"x-gateway-inference-objective": objective} if objective else {}
     r = req(headers=headers)
     if shed:
@@ -243,55 +245,53 @@ def test_shedding_by_objective_priority(objective, shed):
 
 
 def test_model_criticality_from_policy_sheds():
-    store = store_with([m(waiting=9)])
-    store.set_pool(EPS[:1], policies={"base": ModelPolicy("base", Criticality.SHEDDABLE)})
-    store.set_metrics(EPS[0].address, m(waiting=9))
-    router = Router(store, build_scheduler("epp-default", store, clock=lambda: NOW))
+    store = store_with([m(waiting=9)], models={"base": ModelPolicy("base", Criticality.SHEDDABLE)})
+    router = Router(store, build_scheduler("epp-default", store))
     with pytest.raises(Shed):
         router.route(req(), {"model": "base"})
 
 
 def test_epp_default_follows_prefix_affinity_until_the_endpoint_is_hot():
     store = store_with([m(), m(), m()])
-    sched = build_scheduler("epp-default", store, clock=lambda: NOW, rng=random.Random(5))
+    sched = build_scheduler("epp-default", store, rng=random.Random(5))
     prompt = "You are a helpful assistant. " * 40
     first = sched.schedule(req(prompt=prompt + "q1"), EPS[:3])[0]
     tickets = []
     for i in range(3):  # comparable load: the shared prefix keeps landing on the same endpoint
-        tickets.append(store.acquire(first, 200))
+        tickets.append(store.load.acquire(first, 200))
         assert sched.schedule(req(prompt=prompt + f"q{i + 2}"), EPS[:3])[0] == first
     for _ in range(8):  # the holder gets hot: the guard lets load win
-        tickets.append(store.acquire(first, 200))
+        tickets.append(store.load.acquire(first, 200))
     assert sched.schedule(req(prompt=prompt + "q9"), EPS[:3])[0] != first
 
 
 def test_gie_default_piles_onto_the_prefix_holder_regardless_of_own_inflight():
     store = store_with([m(), m(), m()])
-    sched = build_scheduler("gie-default", store, clock=lambda: NOW, rng=random.Random(5))
+    sched = build_scheduler("gie-default", store, rng=random.Random(5))
     prompt = "You are a helpful assistant. " * 40
     first = sched.schedule(req(prompt=prompt + "q1"), EPS[:3])[0]
     for _ in range(11):
-        store.acquire(first, 200)  # invisible to the reference profile until the next scrape
+        store.load.acquire(first, 200)  # invisible to the reference profile until the next scrape
     assert sched.schedule(req(prompt=prompt + "q9"), EPS[:3])[0] == first
 
 
 def test_lora_affinity_prefers_the_endpoint_with_the_adapter_loaded():
     store = store_with([m(active=["sql-lora"]), m(active=["b", "c", "d", "e"]), m()])
-    sched = build_scheduler("epp-default", store, clock=lambda: NOW)
+    sched = build_scheduler("epp-default", store)
     picks = Counter(sched.schedule(req("sql-lora"), EPS[:3])[0].name for _ in range(20))
     assert picks == {"pod-0": 20}
 
 
 def test_fallbacks_follow_the_ranking():
     store = store_with([m(waiting=4), m(waiting=0), m(waiting=2)])
-    sched = build_scheduler("gie-default", store, clock=lambda: NOW, max_endpoints=3)
+    sched = build_scheduler("gie-default", store, max_endpoints=3)
     assert [e.name for e in sched.schedule(req(), EPS[:3])] == ["pod-1", "pod-2", "pod-0"]
 
 
 def test_plugin_timings_are_observed():
     seen = []
     store = store_with([m(), m()])
-    sched = build_scheduler("epp-default", store, clock=lambda: NOW, observe=lambda *a: seen.append(a[:3]))
+    sched = build_scheduler("epp-default", store, observe=lambda *a: seen.append(a[:3]))
     sched.schedule(req(prompt="z" * 200), EPS[:2])
     assert ("Scorer", "prefix-cache-scorer", "prefix-cache-scorer") in seen
     assert ("Picker", "max-score-picker", "max-score-picker") in seen
@@ -299,11 +299,10 @@ def test_plugin_timings_are_observed():
 
 def test_large_pools_are_sampled_but_affinity_endpoints_always_compete():
     many = [Endpoint(f"127.0.1.{i}:8000", f"p{i}") for i in range(100)]
-    store = Datastore("p")
-    store.set_pool(many)
+    store = datastore(many, clock=lambda: NOW)
     for i, e in enumerate(many):
         store.set_metrics(e.address, m(waiting=0, active=["sql-lora"] if i == 77 else ()))
-    sched = build_scheduler("epp-default", store, clock=lambda: NOW, rng=random.Random(3))
+    sched = build_scheduler("epp-default", store, rng=random.Random(3))
     sched._max_candidates = 8  # 2 prefix holders, 2 adapter holders, the rest random
     prompt = "shared system prompt " * 30
     first = sched.schedule(req(prompt=prompt + "a"), many)[0]

@@ -1,5 +1,6 @@
 """The datalayer: what epp knows about each endpoint (membership, scraped metrics, own in-flight load)."""
 
-from epp.datalayer.datastore import Datastore, InflightTicket
+from epp.datalayer.datastore import Datastore
+from epp.datalayer.ledger import InflightTicket, LoadLedger
 
-__all__ = ["Datastore", "InflightTicket"]
+__all__ = ["Datastore", "InflightTicket", "LoadLedger"]

@@ -1,207 +1,155 @@
-"""The datastore: endpoint membership, latest metrics, and epp's own in-flight load.
+"""The datastore: the pools as discovery last reported them, the latest metrics, the load ledger.
 
 Invariants:
-* endpoint sets and metrics are swapped in whole (never mutated in place);
-* every :meth:`Datastore.acquire` returns an :class:`InflightTicket` whose counts are
-  removed exactly once, by :meth:`InflightTicket.release` (idempotent), even if the
-  endpoint left the pool meanwhile.
-* Everything here is synchronous and runs on the event loop thread, so no locks.
+* discovery swaps in whole values (:class:`~epp.domain.Pool`, :class:`~epp.domain.ModelPolicies`);
+  the scraper swaps in whole :class:`~epp.domain.EndpointMetrics`; nothing is mutated in place;
+* every view handed out is read-only (tuples, ``frozenset``, ``MappingProxyType``);
+* the staleness rule lives here and only here: metrics older than ``staleness`` seconds
+  by this datastore's clock are not fresh, and :meth:`Datastore.fresh_metrics` says so;
+* epp's own load is counted in :attr:`Datastore.load` (a :class:`LoadLedger`), which
+  outlives pool changes so every claim is released exactly once;
+* synchronous, event-loop thread only: no locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 
-from epp.domain import Endpoint, EndpointMetrics, ModelPolicy
+from epp.datalayer.ledger import LoadLedger
+from epp.domain import Endpoint, EndpointMetrics, ModelPolicies, Pool
 
-
-class InflightTicket:
-    """One request's claim on an endpoint; released exactly once."""
-
-    __slots__ = ("_store", "address", "epoch", "released", "tokens")
-
-    def __init__(self, store: Datastore, address: str, tokens: int) -> None:
-        self._store = store
-        self.address = address
-        self.tokens = tokens
-        self.released = False
-        self.epoch = store._add(address, tokens)
-
-    def move_to(self, address: str) -> None:
-        """Account the request to another endpoint (Envoy served a fallback)."""
-        if self.released or address == self.address:
-            return
-        self._store._sub(self.address, self.tokens, self.epoch)
-        self.address = address
-        self.epoch = self._store._add(address, self.tokens)
-
-    def release(self) -> bool:
-        """Remove this request's load; returns False if it was already released."""
-        if self.released:
-            return False
-        self.released = True
-        self._store._sub(self.address, self.tokens, self.epoch)
-        return True
+_NONE: frozenset[str] = frozenset()
 
 
 class Datastore:
-    """The pool (and optional mirror pool) as epp currently sees it."""
+    """The primary pool, an optional mirror (shadow) pool, the model policies, and what epp knows of each endpoint."""
 
-    def __init__(self, pool_name: str = "", *, clock: Callable[[], float] | None = None) -> None:
-        self.pool_name = pool_name
-        self.mirror_name = ""
-        self.engine = self.mirror_engine = "vllm"
-        self._endpoints: tuple[Endpoint, ...] = ()
-        self._mirror: tuple[Endpoint, ...] = ()
+    def __init__(self, *, staleness: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.staleness = staleness
+        self.clock = clock
+        self.load = LoadLedger()
+        self._pool: Pool | None = None
+        self._mirror: Pool | None = None
+        self._policies = ModelPolicies()
         self._by_address: dict[str, Endpoint] = {}
+        self._pool_of: dict[str, Pool] = {}
         self._metrics: dict[str, EndpointMetrics] = {}
-        self._adapters: dict[str, set[str]] = {}  # adapter → addresses reporting it active
-        self._requests: dict[str, int] = {}  # only endpoints with requests in flight
-        self._tokens: dict[str, int] = {}
-        # requests (and tokens) sent since the endpoint's last scrape: load its gauges cannot show yet
-        self._unseen: dict[str, int] = {}
-        self._unseen_tokens: dict[str, int] = {}
-        self._epoch: dict[str, int] = {}
-        self._policies: Mapping[str, ModelPolicy] | None = None
-        self._objectives: dict[str, int] = {}
-        self.synced = False
+        self._adapters: dict[str, frozenset[str]] = {}  # adapter → addresses whose last scrape reported it
         self._listeners: list[Callable[[], None]] = []
+        self.metrics_view: Mapping[str, EndpointMetrics] = MappingProxyType(self._metrics)
 
-    # ---- membership -------------------------------------------------------------------
-    def set_pool(
-        self,
-        endpoints: Iterable[Endpoint],
-        *,
-        policies: Mapping[str, ModelPolicy] | None = None,
-        objectives: Mapping[str, int] | None = None,
-        mirror: Iterable[Endpoint] = (),
-        pool_name: str | None = None,
-        mirror_name: str = "",
-        engine: str = "vllm",
-        mirror_engine: str = "vllm",
-    ) -> None:
-        self._endpoints = tuple(endpoints)
-        self._mirror = tuple(mirror)
-        self._policies = dict(policies) if policies is not None else None
-        self._objectives = dict(objectives or {})
-        if pool_name is not None:
-            self.pool_name = pool_name
-        self.mirror_name = mirror_name
-        self.engine, self.mirror_engine = engine, mirror_engine
-        self._by_address = {e.address: e for e in (*self._endpoints, *self._mirror)}
-        for address in list(self._metrics):
-            if address not in self._by_address:
-                self._index_adapters(address, self._metrics.pop(address).active_adapters, frozenset())
-        self.synced = True
-        for listener in self._listeners:
-            listener()
+    # ---- what discovery sets -------------------------------------------------------------
+    @property
+    def pool(self) -> Pool | None:
+        """The primary pool; None before discovery found it, or after it was deleted."""
+        return self._pool
+
+    @property
+    def mirror(self) -> Pool | None:
+        return self._mirror
+
+    @property
+    def policies(self) -> ModelPolicies:
+        return self._policies
+
+    @property
+    def ready(self) -> bool:
+        """A primary pool is known (readiness reports SERVING only then)."""
+        return self._pool is not None
+
+    def set_pool(self, pool: Pool | None) -> None:
+        self._pool = pool
+        self._membership_changed()
+
+    def set_mirror(self, pool: Pool | None) -> None:
+        self._mirror = pool
+        self._membership_changed()
+
+    def set_policies(self, policies: ModelPolicies) -> None:
+        self._policies = policies
+        self._notify()
+
+    def apply(self, pool: Pool | None, mirror: Pool | None, policies: ModelPolicies) -> None:
+        """Everything at once (a pool file): one change notification."""
+        self._pool, self._mirror, self._policies = pool, mirror, policies
+        self._membership_changed()
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
+    def _membership_changed(self) -> None:
+        pools = [p for p in (self._pool, self._mirror) if p is not None]
+        self._pool_of = {e.address: p for p in reversed(pools) for e in p.endpoints}  # primary wins
+        self._by_address = {e.address: e for p in reversed(pools) for e in p.endpoints}
+        for address in [a for a in self._metrics if a not in self._by_address]:
+            self._index_adapters(address, self._metrics.pop(address).active_adapters, _NONE)
+            self.load.forget(address)
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    # ---- membership views --------------------------------------------------------------
     def endpoints(self) -> tuple[Endpoint, ...]:
-        return self._endpoints
+        """The primary pool's endpoints (the same tuple object until the pool changes)."""
+        return self._pool.endpoints if self._pool is not None else ()
 
     def mirror_endpoints(self) -> tuple[Endpoint, ...]:
-        return self._mirror
+        return self._mirror.endpoints if self._mirror is not None else ()
 
     def get(self, address: str) -> Endpoint | None:
         return self._by_address.get(address)
 
-    def policies(self) -> Mapping[str, ModelPolicy] | None:
-        return self._policies
+    def pool_of(self, address: str) -> Pool | None:
+        """The pool an address belongs to (the primary when both list it)."""
+        return self._pool_of.get(address)
 
-    def objective_priority(self, name: str) -> int | None:
-        return self._objectives.get(name)
+    def all_endpoints(self) -> Iterable[Endpoint]:
+        """Every endpoint of both pools, each address once."""
+        return self._by_address.values()
 
     # ---- metrics ---------------------------------------------------------------------
     def set_metrics(self, address: str, metrics: EndpointMetrics) -> None:
-        if address in self._by_address:
-            old = self._metrics.get(address)
-            self._metrics[address] = metrics
-            if old is None or old.active_adapters != metrics.active_adapters:
-                self._index_adapters(address, old.active_adapters if old else frozenset(), metrics.active_adapters)
-            # a new scrape shows everything sent before it: start counting unseen load anew
-            self._epoch[address] = self._epoch.get(address, 0) + 1
-            self._unseen.pop(address, None)
-            self._unseen_tokens.pop(address, None)
+        """Swap in one scrape; ignored for an address no longer in a pool."""
+        if address not in self._by_address:
+            return
+        old = self._metrics.get(address)
+        self._metrics[address] = metrics
+        if old is None or old.active_adapters != metrics.active_adapters:
+            self._index_adapters(address, old.active_adapters if old else _NONE, metrics.active_adapters)
+        self.load.scraped(address)
 
     def metrics(self, address: str) -> EndpointMetrics | None:
+        """The last scrape, whatever its age."""
         return self._metrics.get(address)
 
-    def endpoints_with_adapter(self, adapter: str) -> set[str]:
+    def fresh_metrics(self, address: str) -> EndpointMetrics | None:
+        """The last scrape if it is fresh, else None (stale or never scraped)."""
+        return self.fresh_metrics_of((address,))[0]
+
+    def fresh_metrics_of(self, addresses: Sequence[str]) -> list[EndpointMetrics | None]:
+        """:meth:`fresh_metrics` for many addresses at one instant."""
+        oldest = self.clock() - self.staleness
+        get = self._metrics.get
+        out: list[EndpointMetrics | None] = []
+        for a in addresses:
+            m = get(a)
+            out.append(m if m is not None and m.updated_at >= oldest else None)
+        return out
+
+    def endpoints_with_adapter(self, adapter: str) -> frozenset[str]:
         """Addresses whose last scrape reported ``adapter`` active (any age)."""
-        return self._adapters.get(adapter, set())
+        return self._adapters.get(adapter, _NONE)
 
     def _index_adapters(self, address: str, old: frozenset[str], new: frozenset[str]) -> None:
         for a in old - new:
-            holders = self._adapters.get(a)
-            if holders is not None:
-                holders.discard(address)
-                if not holders:
-                    del self._adapters[a]
+            holders = self._adapters.get(a, _NONE) - {address}
+            if holders:
+                self._adapters[a] = holders
+            else:
+                self._adapters.pop(a, None)
         for a in new - old:
-            self._adapters.setdefault(a, set()).add(address)
-
-    def fresh_metrics(self, address: str, now: float, max_age: float) -> EndpointMetrics | None:
-        """The endpoint's metrics if scraped within ``max_age`` seconds, else None (stale/unknown)."""
-        m = self._metrics.get(address)
-        return m if m is not None and now - m.updated_at <= max_age else None
-
-    # ---- own load ----------------------------------------------------------------------
-    def acquire(self, endpoint: Endpoint, tokens: int = 0) -> InflightTicket:
-        return InflightTicket(self, endpoint.address, tokens)
-
-    def inflight(self, address: str) -> int:
-        return self._requests.get(address, 0)
-
-    def inflight_counts(self) -> Mapping[str, int]:
-        """Requests in flight per address (absent = 0); read-only view for schedulers."""
-        return self._requests
-
-    def note_mirror(self, address: str) -> None:
-        """A mirrored copy was sent there: count it as unseen load until the next scrape.
-
-        Envoy ignores shadow responses and ext_proc never sees them finish, so mirror
-        load is known only from scrapes plus what was sent since.
-        """
-        self._unseen[address] = self._unseen.get(address, 0) + 1
-        self._unseen_tokens.setdefault(address, 0)
-
-    def unseen_counts(self) -> Mapping[str, int]:
-        """Requests in flight sent after the endpoint's last scrape (absent = 0)."""
-        return self._unseen
-
-    def unseen_token_counts(self) -> Mapping[str, int]:
-        return self._unseen_tokens
-
-    def inflight_token_counts(self) -> Mapping[str, int]:
-        """Estimated prompt tokens in flight per address (absent = 0)."""
-        return self._tokens
-
-    def inflight_tokens(self, address: str) -> int:
-        return self._tokens.get(address, 0)
-
-    def total_inflight(self) -> int:
-        return sum(self._requests.values())
-
-    def _add(self, address: str, tokens: int) -> int:
-        _bump(self._requests, self._tokens, address, 1, tokens)
-        _bump(self._unseen, self._unseen_tokens, address, 1, tokens)
-        return self._epoch.get(address, 0)
-
-    def _sub(self, address: str, tokens: int, epoch: int) -> None:
-        if epoch == self._epoch.get(address, 0) and address in self._unseen:  # finished before any scrape saw it
-            _bump(self._unseen, self._unseen_tokens, address, -1, -tokens)
-        _bump(self._requests, self._tokens, address, -1, -tokens)
-
-
-def _bump(requests: dict[str, int], tokens: dict[str, int], address: str, dr: int, dt: int) -> None:
-    """Add to a pair of per-address counters; an address whose request count reaches 0 is dropped."""
-    left = requests.get(address, 0) + dr
-    if left:
-        requests[address] = left
-        tokens[address] = tokens.get(address, 0) + dt
-    else:
-        requests.pop(address, None)
-        tokens.pop(address, None)
+            self._adapters[a] = self._adapters.get(a, _NONE) | {address}

@@ -7,17 +7,19 @@ another.  A scrape asks only for the families the engine mapping needs
 connection (:mod:`epp.datalayer.httpget`) and reads at most ``max_bytes``.  Failures
 of any kind (connection, HTTP status, timeout, oversize, garbage) are counted per pod
 and leave the last metrics in place, where their age marks them stale.  Membership
-belongs to discovery: loops follow the datastore.
+belongs to discovery: loops follow the datastore.  The loops run as supervised tasks
+(:class:`epp.supervisor.Supervisor`): one that raises is logged, counted and restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 from urllib.parse import urlencode
 
 from epp.datalayer.datastore import Datastore
@@ -29,6 +31,16 @@ from epp.domain import Endpoint
 log = logging.getLogger(__name__)
 
 ErrorHook = Callable[[Endpoint, str], None]
+
+
+class Task(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Spawner(Protocol):
+    """Runs a background loop under supervision (``epp.supervisor.Supervisor``)."""
+
+    def spawn(self, name: str, run: Callable[[], Awaitable[None]]) -> Task: ...
 
 
 class ScrapeFailed(Exception):
@@ -104,11 +116,12 @@ class EndpointScraper:
 
 
 class ScrapeLoops:
-    """Owns one scrape task per endpoint; follows datastore membership changes."""
+    """One supervised scrape task per endpoint of either pool; follows datastore membership changes."""
 
     def __init__(
         self,
         store: Datastore,
+        spawner: Spawner,
         *,
         interval: float = 0.05,
         timeout: float = 1.0,
@@ -116,11 +129,12 @@ class ScrapeLoops:
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
+        self._spawner = spawner
         self._interval = interval
         self._timeout = timeout
         self._on_error = on_error
         self._rng = rng or random.Random()
-        self._tasks: dict[str, tuple[Endpoint, asyncio.Task[None]]] = {}
+        self._tasks: dict[str, tuple[Endpoint, Task]] = {}
         self._started = False
         self.scrapers: dict[str, EndpointScraper] = {}
 
@@ -133,30 +147,32 @@ class ScrapeLoops:
         if not self._started:
             return
         store = self._store
-        wanted: dict[str, tuple[Endpoint, str]] = {e.address: (e, store.engine) for e in store.endpoints()}
-        for e in store.mirror_endpoints():
-            wanted.setdefault(e.address, (e, store.mirror_engine))
+        wanted = {e.address: e for e in store.all_endpoints()}
         for address in list(self._tasks):
             endpoint, task = self._tasks[address]
-            if address not in wanted or wanted[address][0] != endpoint:
-                task.cancel()
-                del self._tasks[address]
-                scraper = self.scrapers.pop(address, None)
-                if scraper is not None:
-                    scraper.close()
-        loop = asyncio.get_running_loop()
-        for address, (endpoint, engine) in wanted.items():
+            if wanted.get(address) != endpoint:
+                self._drop(address)
+        for address, endpoint in wanted.items():
             if address in self._tasks:
                 continue
+            pool = store.pool_of(address)
             scraper = EndpointScraper(
                 endpoint,
-                engine_for(engine, dict(endpoint.labels)),
+                engine_for(pool.engine if pool else "vllm", dict(endpoint.labels)),
                 self._store,
                 timeout=self._timeout,
                 on_error=self._on_error,
             )
             self.scrapers[address] = scraper
-            self._tasks[address] = (endpoint, loop.create_task(self._run(scraper), name=f"scrape {address}"))
+            task = self._spawner.spawn(f"scrape {address}", functools.partial(self._run, scraper))
+            self._tasks[address] = (endpoint, task)
+
+    def _drop(self, address: str) -> None:
+        _, task = self._tasks.pop(address)
+        task.cancel()
+        scraper = self.scrapers.pop(address, None)
+        if scraper is not None:
+            scraper.close()
 
     async def _run(self, scraper: EndpointScraper) -> None:
         await asyncio.sleep(self._rng.random() * self._interval)  # spread the first scrapes
@@ -166,15 +182,8 @@ class ScrapeLoops:
             period = self._interval * (0.9 + 0.2 * self._rng.random())  # ±10 % jitter
             await asyncio.sleep(max(0.0, started + period - time.monotonic()))
 
-    async def aclose(self) -> None:
-        tasks = [t for _, t in self._tasks.values()]
-        self._tasks.clear()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        for scraper in self.scrapers.values():
-            scraper.close()
-        self.scrapers.clear()
+    def close(self) -> None:
+        """Stop every loop (the supervisor waits for them at its own close)."""
+        for address in list(self._tasks):
+            self._drop(address)
         self._started = False

@@ -1,35 +1,26 @@
-"""Static discovery: the pool file, re-read when it changes.
+"""Static discovery: the pool file (llm-d calls this file discovery), re-read when it changes.
 
 The file is polled (mtime, size) every ``interval`` seconds off the event loop; a
 changed file that fails validation is logged and ignored, so a typo never empties a
-running pool.
+running pool.  The first load's errors propagate: a bad file at start is exit code 2.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 
 from epp.config import PoolFile, load_pool_file
-from epp.datalayer import Datastore
+from epp.discovery import PoolSink
 from epp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def apply_pool_file(store: Datastore, pool_file: PoolFile) -> None:
-    store.set_pool(
-        pool_file.pool.endpoint_list(),
-        policies=pool_file.policies(),
-        objectives=pool_file.objective_priorities(),
-        mirror=pool_file.mirror.endpoint_list() if pool_file.mirror else (),
-        pool_name=pool_file.pool.name,
-        mirror_name=pool_file.mirror.name if pool_file.mirror else "",
-        engine=pool_file.pool.engine,
-        mirror_engine=pool_file.mirror.engine if pool_file.mirror else "vllm",
-    )
+def apply_pool_file(sink: PoolSink, pool_file: PoolFile) -> None:
+    """Hand a pool file's pool, mirror pool and model policies to the sink in one change."""
+    sink.apply(pool_file.pool.to_pool(), pool_file.mirror.to_pool() if pool_file.mirror else None, pool_file.policies())
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -41,23 +32,19 @@ def _signature(path: Path) -> tuple[int, int] | None:
 
 
 class StaticPoolSource:
-    """Owns the pool-file watch loop."""
+    """The pool file as a :class:`~epp.discovery.PoolSource`."""
 
-    def __init__(self, path: str, store: Datastore, *, interval: float = 1.0) -> None:
+    def __init__(self, path: str, sink: PoolSink, *, interval: float = 1.0) -> None:
         self.path = Path(path)
-        self._store = store
+        self._sink = sink
         self._interval = interval
         self._sig: tuple[int, int] | None = None
-        self._task: asyncio.Task[None] | None = None
         self.reloads = 0
-        self.changed = asyncio.Event()
+        self.changed = asyncio.Event()  # set at every applied reload (tests wait on it)
 
-    def load(self) -> PoolFile:
-        """First load: errors propagate (exit code 2 at start)."""
-        self._sig = _signature(self.path)
-        pool_file = load_pool_file(self.path)
-        apply_pool_file(self._store, pool_file)
-        return pool_file
+    async def sync(self) -> None:
+        self._sig = await asyncio.to_thread(_signature, self.path)
+        apply_pool_file(self._sink, await asyncio.to_thread(load_pool_file, self.path))
 
     async def check_once(self) -> bool:
         """Reload if the file changed; return True when a new pool was applied."""
@@ -70,27 +57,16 @@ class StaticPoolSource:
         except ConfigError as exc:
             log.error("pool file change ignored: %s", exc)
             return False
-        apply_pool_file(self._store, pool_file)
+        apply_pool_file(self._sink, pool_file)
         self.reloads += 1
         self.changed.set()
-        log.info("pool file reloaded: %d endpoints", len(self._store.endpoints()))
+        log.info("pool file reloaded: %d endpoints", len(pool_file.pool.endpoints))
         return True
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
             await self.check_once()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="pool-file-watch")
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 __all__ = ["StaticPoolSource", "apply_pool_file"]

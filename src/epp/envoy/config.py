@@ -7,7 +7,7 @@ The result is a plain ``dict`` (``dump_bootstrap`` turns it into YAML) with:
 * one route, ``/`` → the pool cluster, optionally mirrored to a shadow cluster;
 * three clusters: the pool, the shadow (only with ``PoolFile.mirror``) and ``epp``.
 
-Choices, each tested against Envoy 1.40 (see ``/work/shared/reference/envoy-wiring.md``):
+Choices, each tested against Envoy 1.40 (the facts are in ``docs/envoy-wiring.md``):
 
 * **Body modes.**  ``full-duplex`` streams the request body to epp (FULL_DUPLEX_STREAMED);
   Envoy then *requires* the trailer mode of that direction to be SEND, and arms no
@@ -50,17 +50,14 @@ from typing import Any, Literal
 import yaml
 
 from epp.config import PoolFile, PoolSpec
+from epp.domain import FailureMode
 from epp.errors import ConfigError
+from epp.wire import DESTINATION_HEADER, LB_NAMESPACE, MIRROR_HEADER, SERVED_KEY, SUBSET_HINT_NAMESPACE
 
 BodyMode = Literal["full-duplex", "buffered"]
 LbMode = Literal["original-dst", "override-host"]
 MirrorMode = Literal["load-aware", "plain"]
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-MIRROR_HEADER = "x-gateway-mirror-endpoint"
-SERVED_KEY = "x-gateway-destination-endpoint-served"
-LB_NAMESPACE = "envoy.lb"
-SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 EPP_CLUSTER = "epp"
 LISTENER_NAME = "gateway"
 
@@ -120,7 +117,7 @@ def render_bootstrap(
         "access_log": [_access_log(access_log_path or "/dev/stdout")],
         "route_config": _route_config(pool_cluster, shadow_cluster, route_timeout_s),
         "http_filters": [
-            _ext_proc_filter(body_mode, fail_open=pool.failure_mode == "FailOpen"),
+            _ext_proc_filter(body_mode, fail_open=pool.failure_mode is FailureMode.FAIL_OPEN),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _type("extensions.filters.http.router.v3.Router")},

@@ -1,17 +1,9 @@
-"""Wire names of the EPP protocol and of Envoy's ext_proc API."""
+"""Names from Envoy's ext_proc API (the EPP protocol's own header and metadata names are in ``epp.wire``)."""
 
 from __future__ import annotations
 
 import enum
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-DESTINATION_SERVED_KEY = "x-gateway-destination-endpoint-served"
-LB_NAMESPACE = "envoy.lb"
-SUBSET_NAMESPACE = "envoy.lb.subset_hint"
-SUBSET_KEY = "x-gateway-destination-endpoint-subset"
-MIRROR_HEADER = "x-gateway-mirror-endpoint"
-REQUEST_ID_HEADER = "x-request-id"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 # GIE re-chunks bodies at 62,000 bytes: under Envoy's recommended 64 KiB per message.
 MAX_CHUNK_BYTES = 62_000
 

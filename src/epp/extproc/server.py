@@ -24,7 +24,9 @@ from epp.observability.metrics import EppMetrics
 log = logging.getLogger(__name__)
 
 EXTPROC_SERVICE = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
-HEALTH_SERVICE_NAMES = ("", "liveness", "readiness", "inference-extension", EXTPROC_SERVICE)
+LIVENESS = "liveness"  # SERVING while the process runs
+# SERVING only while epp can route (the pool is known; in HA mode, this replica leads)
+READINESS_NAMES = ("", "readiness", "inference-extension", EXTPROC_SERVICE)
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -97,12 +99,14 @@ class ExtProcServer:
         self._stopped = False
 
     async def start(self) -> None:
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._health_server.start()
         await self._server.start()
 
     async def set_serving(self, serving: bool) -> None:
+        """Readiness (every name but liveness)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in HEALTH_SERVICE_NAMES:
+        for name in READINESS_NAMES:
             await self.health.set(name, status)
 
     async def drain(self, timeout: float) -> None:

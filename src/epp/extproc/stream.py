@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,21 +31,20 @@ from epp.datalayer import Datastore, InflightTicket
 from epp.domain import InferenceRequest, Pick
 from epp.errors import PayloadTooLarge, Rejected
 from epp.extproc import responses
-from epp.extproc.protocol import (
-    DESTINATION_HEADER,
-    DESTINATION_SERVED_KEY,
-    LB_NAMESPACE,
-    MIRROR_HEADER,
-    REQUEST_ID_HEADER,
-    SUBSET_KEY,
-    SUBSET_NAMESPACE,
-    BodySendMode,
-    Phase,
-)
+from epp.extproc.protocol import BodySendMode, Phase
 from epp.observability.logging import request_id_var
 from epp.observability.metrics import EppMetrics
 from epp.openai import ModelNameRestorer, UsageParser, new_request_id, parse_inference_request
 from epp.routing import Router, parse_subset
+from epp.wire import (
+    DESTINATION_HEADER,
+    LB_NAMESPACE,
+    MIRROR_HEADER,
+    REQUEST_ID_HEADER,
+    SERVED_KEY,
+    SUBSET_HINT_NAMESPACE,
+    SUBSET_KEY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,6 @@ class RequestContext:
     request_id: str = ""
     started: float = field(default_factory=time.monotonic)
     request: InferenceRequest | None = None
-    pick: Pick | None = None
     ticket: InflightTicket | None = None
     model: str = ""
     target_model: str = ""
@@ -151,7 +149,7 @@ class ExtProcStream:
         req.headers = _header_map(message.request_headers)
         ctx.request_id = req.headers.get(REQUEST_ID_HEADER) or new_request_id()
         request_id_var.set(ctx.request_id)
-        hint = _filter_metadata(message).get(SUBSET_NAMESPACE)
+        hint = _filter_metadata(message).get(SUBSET_HINT_NAMESPACE)
         if isinstance(hint, dict) and SUBSET_KEY in hint:
             req.subset = parse_subset(hint[SUBSET_KEY])
         if message.request_headers.end_of_stream or req.mode in (BodySendMode.NONE, BodySendMode.STREAMED):
@@ -192,7 +190,6 @@ class ExtProcStream:
             request_id=ctx.request_id,
             model="",
             target_model="",
-            path=ctx.req.headers.get(":path", ""),
             subset=ctx.req.subset,
             headers=ctx.req.headers,
         )
@@ -223,10 +220,9 @@ class ExtProcStream:
         """Account the pick and build the destination header + ``envoy.lb`` metadata."""
         ctx = self.ctx
         ctx.req.routed = True
-        ctx.pick = pick
         ctx.request = request
         ctx.target_model = pick.target_model
-        ctx.ticket = self._store.acquire(pick.primary, request.prompt_tokens if request else 0)
+        ctx.ticket = self._store.load.acquire(pick.primary, request.prompt_tokens if request else 0)
         if request is not None:
             series = self._metrics.series(ctx.model, ctx.target_model)
             series.requests.inc()
@@ -256,7 +252,7 @@ class ExtProcStream:
         if ticket is None or not message.HasField("metadata_context"):
             return
         lb = _filter_metadata(message).get(LB_NAMESPACE)
-        served = lb.get(DESTINATION_SERVED_KEY) if isinstance(lb, dict) else None
+        served = lb.get(SERVED_KEY) if isinstance(lb, dict) else None
         if isinstance(served, str) and served and served != ticket.address and self._store.get(served):
             log.debug("envoy served %s instead of %s", served, ticket.address)
             ticket.move_to(served)
@@ -347,7 +343,3 @@ class ExtProcStream:
             if ctx.resp.status or not cancelled:
                 self._finish_response()
             self._release()
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        return self.ctx.req.headers

@@ -121,6 +121,12 @@ class EppMetrics:
             ["name", "model_server_pod", "reason"],
             registry=r,
         )
+        self.background_failures_total = Counter(
+            "epp_background_task_failures",
+            "Background tasks (scrapers, discovery) that raised and were restarted, by task kind.",
+            ["task"],
+            registry=r,
+        )
         self.plugin_duration = Histogram(
             "inference_extension_plugin_duration_seconds",
             "Time spent in one scheduling plugin.",

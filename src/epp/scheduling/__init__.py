@@ -6,22 +6,22 @@ The plugin surface is what this module exports; everything else is internal.
 
 from epp.scheduling.base import Candidates, Filter, Picker, Scorer
 from epp.scheduling.profile import (
-    BUILTIN,
-    PLUGINS,
+    BUILTIN_PROFILES,
     EndpointPickerConfig,
     SchedulerProfile,
     builtin_config,
     load_config_file,
     parse_config,
+    plugin_types,
 )
-from epp.scheduling.scheduler import Scheduler, SchedulingView, build_scheduler
+from epp.scheduling.scheduler import LoadView, Scheduler, SchedulingView, build_scheduler
 
 __all__ = [
-    "BUILTIN",
-    "PLUGINS",
+    "BUILTIN_PROFILES",
     "Candidates",
     "EndpointPickerConfig",
     "Filter",
+    "LoadView",
     "Picker",
     "Scheduler",
     "SchedulerProfile",
@@ -31,4 +31,5 @@ __all__ = [
     "builtin_config",
     "load_config_file",
     "parse_config",
+    "plugin_types",
 ]

@@ -1,6 +1,6 @@
 """Approximate prefix-cache index: which endpoint probably holds which prompt blocks.
 
-The prompt is cut into blocks of ``block_tokens x 4`` characters; block hashes are
+The prompt is cut into blocks of ``block_tokens x CHARS_PER_TOKEN`` characters; block hashes are
 chained (xxh64 of the block text and the previous hash, seeded by the target model),
 so a hash names a whole prefix.  Each endpoint keeps an LRU of the hashes epp sent
 it, sized from the server's ``cache_config_info`` (``num_gpu_blocks``) when known.
@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import xxhash
 
-CHARS_PER_TOKEN = 4
+from epp.domain import CHARS_PER_TOKEN
+
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_CAPACITY = 31_250  # blocks per server when cache_config_info is unknown (reference default)
 _PACK = struct.Struct("<Q").pack

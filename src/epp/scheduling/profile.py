@@ -4,12 +4,14 @@
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
+- {type: candidate-sampler, parameters: {maxCandidates: 16}}
 - {type: queue-scorer}
 - {name: prefix, type: prefix-cache-scorer, parameters: {blockSizeTokens: 16}}
 - {type: max-score-picker, parameters: {maxNumOfEndpoints: 3}}
 schedulingProfiles:
 - name: default
   plugins:
+  - {pluginRef: candidate-sampler}
   - {pluginRef: queue-scorer, weight: 2}
   - {pluginRef: prefix, weight: 3}
   - {pluginRef: max-score-picker}
@@ -18,7 +20,13 @@ saturationDetector: {pluginRef: utilization-detector}
 
 Unknown fields or plugin types, duplicate names, unknown references, negative or
 non-numeric weights, a profile with no picker or two pickers: a ``ConfigError`` at
-start, naming the culprit.  A type maps to a constructor in one dict (``PLUGINS``).
+start, naming the culprit.  A type maps to a constructor in one dict (``_PLUGINS``;
+:func:`plugin_types` lists them).
+
+``candidate-sampler`` is epp's own: above ``maxCandidates`` endpoints a decision scores a
+power-of-d sample (affinity holders first, the rest random) instead of the whole pool.
+A profile without it scores every endpoint.  Saturation is always judged on the whole
+pool.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from epp.errors import ConfigError
 from epp.scheduling.base import Filter, Picker, Scorer
+from epp.scheduling.filters import FreshMetricsFilter
 from epp.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker
 from epp.scheduling.saturation import UtilizationDetector
 from epp.scheduling.scorers import (
@@ -99,7 +108,17 @@ class SchedulerProfile:
     picker: Picker = field(default_factory=MaxScorePicker)
     detector: UtilizationDetector = field(default_factory=UtilizationDetector)
     prefix: PrefixSettings | None = None  # set when a prefix-cache scorer is used
-    max_endpoints: int = 1
+    max_endpoints: int | None = None  # the picker's maxNumOfEndpoints, when given
+    max_candidates: int | None = None  # candidate-sampler's budget; None scores every endpoint
+
+
+@dataclass(frozen=True)
+class CandidateSampler:
+    """Marks a profile as sampled: at most ``max_candidates`` endpoints per decision."""
+
+    max_candidates: int = 16
+    name: str = "candidate-sampler"
+    type: str = "candidate-sampler"
 
 
 def _num(params: dict[str, Any], key: str, default: float, *, minimum: float = 0.0) -> float:
@@ -116,7 +135,12 @@ def _guarded(inner: PrefixCacheScorer | LoraAffinityScorer, params: dict[str, An
 
 # type → (kind, constructor(name, parameters, rng))
 Constructor = Callable[[str, dict[str, Any], random.Random], Any]
-PLUGINS: dict[str, tuple[str, Constructor]] = {
+_PLUGINS: dict[str, tuple[str, Constructor]] = {
+    "candidate-sampler": (
+        "sampler",
+        lambda n, p, r: CandidateSampler(max_candidates=int(_num(p, "maxCandidates", 16, minimum=1)), name=n),
+    ),
+    "fresh-metrics-filter": ("filter", lambda n, p, r: FreshMetricsFilter(name=n)),
     "queue-scorer": ("scorer", lambda n, p, r: QueueScorer(name=n)),
     "running-requests-size-scorer": ("scorer", lambda n, p, r: RunningRequestsScorer(name=n)),
     "kv-cache-utilization-scorer": ("scorer", lambda n, p, r: KvCacheScorer(name=n)),
@@ -174,10 +198,10 @@ def build_profile(config: EndpointPickerConfig, rng: random.Random, source: str 
         name = plugin_spec.name or plugin_spec.type
         if name in instances:
             raise ConfigError(f"{source}: duplicate plugin name {name!r}")
-        if plugin_spec.type not in PLUGINS:
-            known = ", ".join(sorted(PLUGINS))
+        if plugin_spec.type not in _PLUGINS:
+            known = ", ".join(sorted(_PLUGINS))
             raise ConfigError(f"{source}: unknown plugin type {plugin_spec.type!r} (known: {known})")
-        kind, make = PLUGINS[plugin_spec.type]
+        kind, make = _PLUGINS[plugin_spec.type]
         try:
             instances[name] = (kind, make(name, plugin_spec.parameters, rng), plugin_spec)
         except ValueError as exc:
@@ -208,7 +232,10 @@ def build_profile(config: EndpointPickerConfig, rng: random.Random, source: str 
             raise ConfigError(f"{source}: weight given for {ref.plugin_ref!r}, which is not a scorer")
         elif kind == "picker":
             pickers.append(plugin)
-            profile.max_endpoints = int(_num(pspec.parameters, "maxNumOfEndpoints", 1, minimum=1))
+            if "maxNumOfEndpoints" in pspec.parameters:
+                profile.max_endpoints = int(_num(pspec.parameters, "maxNumOfEndpoints", 1, minimum=1))
+        elif kind == "sampler":
+            profile.max_candidates = plugin.max_candidates
         else:
             profile.filters.append(plugin)
     if len(pickers) > 1:
@@ -240,7 +267,7 @@ def load_config_file(path: str) -> EndpointPickerConfig:
 # token prefix hit saves most of a request's prefill, is cut back once an endpoint's
 # queue is 4 requests above the shortest, so affinity never hot-spots; LoRA affinity
 # keeps adapters from thrashing slots; KV use breaks the remaining ties.
-BUILTIN: dict[str, str] = {
+_BUILTIN: dict[str, str] = {
     "gie-default": """
 plugins:
 - {type: queue-scorer}
@@ -257,6 +284,7 @@ schedulingProfiles:
 """,
     "epp-default": """
 plugins:
+- {type: candidate-sampler, parameters: {maxCandidates: 16}}
 - {type: estimated-queue-scorer, parameters: {queueScale: 4}}
 - {type: kv-cache-utilization-scorer}
 - {type: prefix-cache-scorer, parameters: {affinityMaxExtraLoad: 4}}
@@ -265,6 +293,7 @@ plugins:
 schedulingProfiles:
 - name: default
   plugins:
+  - {pluginRef: candidate-sampler}
   - {pluginRef: estimated-queue-scorer, weight: 2}
   - {pluginRef: kv-cache-utilization-scorer, weight: 1}
   - {pluginRef: prefix-cache-scorer, weight: 5}
@@ -284,10 +313,34 @@ plugins:
 plugins:
 - {type: round-robin-picker}
 """,
+    # The shadow pool's pick (load-aware mirroring): endpoints with fresh metrics first,
+    # then the shortest estimated queue (scraped waiting + copies sent since), then the
+    # fewest running; ties at random.  One queued request (weight 2) always outweighs
+    # the whole running-requests range (weight 1).
+    "least-loaded": """
+plugins:
+- {type: fresh-metrics-filter}
+- {type: estimated-queue-scorer, parameters: {queueScale: 1}}
+- {type: running-requests-size-scorer}
+- {type: max-score-picker}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: fresh-metrics-filter}
+  - {pluginRef: estimated-queue-scorer, weight: 2}
+  - {pluginRef: running-requests-size-scorer, weight: 1}
+  - {pluginRef: max-score-picker}
+""",
 }
+BUILTIN_PROFILES: tuple[str, ...] = tuple(sorted(_BUILTIN))
+
+
+def plugin_types() -> tuple[str, ...]:
+    """Every plugin type a config may name."""
+    return tuple(sorted(_PLUGINS))
 
 
 def builtin_config(name: str) -> EndpointPickerConfig:
-    if name not in BUILTIN:
-        raise ConfigError(f"unknown scheduling profile {name!r} (built in: {', '.join(sorted(BUILTIN))})")
-    return parse_config(BUILTIN[name], f"built-in profile {name}")
+    if name not in _BUILTIN:
+        raise ConfigError(f"unknown scheduling profile {name!r} (built in: {', '.join(BUILTIN_PROFILES)})")
+    return parse_config(_BUILTIN[name], f"built-in profile {name}")

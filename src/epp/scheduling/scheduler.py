@@ -1,8 +1,12 @@
-"""The scheduler: one decision = snapshot → admission → filters → weighted scorers → picker.
+"""The scheduler: one decision = snapshot → (sample) → filters → weighted scorers → picker.
 
 ``Scheduler.schedule(request, candidates)`` returns endpoints best first (primary, then
-fallbacks).  It reads one consistent snapshot (no awaits inside), so no locks.  It owns
-the approximate prefix index, which learns from its own primary picks.
+fallbacks): at most ``max_endpoints``, decided here and nowhere else.
+``Scheduler.admit(request, pool)`` is the admission check (a sheddable request is shed
+when the whole pool is saturated).  Both read one consistent snapshot (no awaits
+inside), so no locks.  The scheduler owns the approximate prefix index, which learns
+from its own primary picks.  Its random generator is the one it was built with, so a
+seeded scheduler decides reproducibly.
 """
 
 from __future__ import annotations
@@ -22,14 +26,26 @@ from epp.scheduling.scorers import clamp
 PluginObserver = Callable[[str, str, str, float], None]  # extension point, type, name, seconds
 
 
+class LoadView(Protocol):
+    """epp's own load per address (absent = 0): the datastore's ledger satisfies it."""
+
+    @property
+    def requests(self) -> Mapping[str, int]: ...
+    @property
+    def tokens(self) -> Mapping[str, int]: ...
+    @property
+    def unseen(self) -> Mapping[str, int]: ...
+    @property
+    def unseen_tokens(self) -> Mapping[str, int]: ...
+
+
 class SchedulingView(Protocol):
     """What the scheduler reads: the datastore satisfies it."""
 
+    @property
+    def load(self) -> LoadView: ...
     def metrics(self, address: str) -> EndpointMetrics | None: ...
-    def inflight_counts(self) -> Mapping[str, int]: ...
-    def inflight_token_counts(self) -> Mapping[str, int]: ...
-    def unseen_counts(self) -> Mapping[str, int]: ...
-    def unseen_token_counts(self) -> Mapping[str, int]: ...
+    def fresh_metrics_of(self, addresses: Sequence[str]) -> list[EndpointMetrics | None]: ...
     def endpoints_with_adapter(self, adapter: str) -> Collection[str]: ...
 
 
@@ -39,22 +55,18 @@ class Scheduler:
         profile: SchedulerProfile,
         view: SchedulingView,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        staleness: float = 2.0,
         max_endpoints: int = 1,
         observe: PluginObserver | None = None,
-        max_candidates: int = 16,
         rng: random.Random | None = None,
     ) -> None:
         self.profile = profile
-        self._max_candidates = max_candidates
+        self._max_candidates = profile.max_candidates
         self._positions_of: Sequence[Endpoint] | None = None
         self._positions_map: dict[str, int] = {}
         self._rng = rng or random.Random()
         self._view = view
-        self._clock = clock
-        self._staleness = staleness
-        self._k = max(max_endpoints, profile.max_endpoints)
+        # the picker's maxNumOfEndpoints, when the profile sets it, wins over the flag
+        self.max_endpoints = profile.max_endpoints or max_endpoints
         self._observe = observe
         self.prefix_index = PrefixIndex(default_capacity=profile.prefix.capacity) if profile.prefix else None
 
@@ -74,19 +86,20 @@ class Scheduler:
                     block = m.block_size
                     break
         return block_hashes(request.prompt, request.target_model, block_tokens=block, max_blocks=settings.max_blocks)
-
     def sample(self, request: InferenceRequest, endpoints: Sequence[Endpoint], hashes: Sequence[int]) -> list[Endpoint]:
-        """At most ``max_candidates`` (16) endpoints: up to a quarter of them holders of the
-        prompt's longest cached prefix, up to a quarter with the requested adapter loaded,
-        the rest a uniform random sample.
+        """At most ``max_candidates`` endpoints (the profile's ``candidate-sampler``): up to
+        a quarter of them holders of the prompt's longest cached prefix, up to a quarter
+        with the requested adapter loaded (a random few when more hold it), the rest a
+        uniform random sample.
 
         Power-of-d choices: picking the best of a random few balances nearly as well as
         scanning all, and keeps a decision's cost flat as pools grow to hundreds.
         """
+        budget = self._max_candidates or len(endpoints)
         keep: dict[str, Endpoint] = {}
         # a quarter of the budget each for adapter and prefix holders; at least half stays random,
         # so a less loaded endpoint is always in the running even when the holders are hot
-        quarter = max(1, self._max_candidates // 4)
+        quarter = max(1, budget // 4)
         with_adapter = self._view.endpoints_with_adapter(request.target_model)
         wanted: set[str] = (
             set(with_adapter) if len(with_adapter) <= quarter else set(self._rng.sample(list(with_adapter), quarter))
@@ -109,11 +122,11 @@ class Scheduler:
                     i = position.get(a)
                     if i is not None:
                         keep[a] = endpoints[i]
-        room = self._max_candidates - len(keep)
+        room = budget - len(keep)
         if room > 0:  # random draws may repeat an affinity endpoint: draw a few extra
             for i in self._rng.sample(range(len(endpoints)), min(len(endpoints), room + len(keep))):
                 keep.setdefault(endpoints[i].address, endpoints[i])
-                if len(keep) >= self._max_candidates:
+                if len(keep) >= budget:
                     break
         return list(keep.values())
 
@@ -128,24 +141,16 @@ class Scheduler:
         self, request: InferenceRequest, endpoints: Sequence[Endpoint], hashes: Sequence[int] = ()
     ) -> Candidates:
         """The candidates as epp sees them now."""
-        now, max_age = self._clock(), self._staleness
-        get = self._view.metrics
-        metrics: list[EndpointMetrics | None] = []
-        for e in endpoints:
-            m = get(e.address)
-            metrics.append(m if m is not None and now - m.updated_at <= max_age else None)
-        counts = self._view.inflight_counts()
-        tokens = self._view.inflight_token_counts()
         addresses = [e.address for e in endpoints]
+        load = self._view.load
+        counts, tokens, unseen, unseen_tokens = load.requests, load.tokens, load.unseen, load.unseen_tokens
         index = self.prefix_index
         match: Sequence[float] = (
             index.match(hashes, addresses) if hashes and index is not None else [0.0] * len(endpoints)
         )
-        unseen = self._view.unseen_counts()
-        unseen_tokens = self._view.unseen_token_counts()
         c = Candidates(
             endpoints=endpoints,
-            metrics=metrics,
+            metrics=self._view.fresh_metrics_of(addresses),
             inflight=[counts.get(a, 0) for a in addresses],
             inflight_tokens=[tokens.get(a, 0) for a in addresses],
             prefix_match=match,
@@ -154,16 +159,21 @@ class Scheduler:
         )
         return c
 
+    def admit(self, request: InferenceRequest, pool: Sequence[Endpoint]) -> None:
+        """Raise ``Shed`` for a sheddable request when the whole pool is saturated."""
+        if request.criticality is Criticality.SHEDDABLE:
+            metrics = self._view.fresh_metrics_of([e.address for e in pool])
+            if self.profile.detector.saturation(metrics) >= 1.0:
+                raise Shed("the pool is saturated and the request is sheddable")
+
     def schedule(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         if not endpoints:
             raise NoEndpoints("no candidate endpoints")
         profile, observe = self.profile, self._observe
         hashes = self.prefix_hashes(request, endpoints)
-        if len(endpoints) > self._max_candidates > 0:
+        if self._max_candidates is not None and len(endpoints) > self._max_candidates:
             endpoints = self.sample(request, endpoints, hashes)
         c = self.snapshot(request, endpoints, hashes)
-        if request.criticality is Criticality.SHEDDABLE and profile.detector.saturation(c) >= 1.0:
-            raise Shed("the pool is saturated and the request is sheddable")
         for f in profile.filters:
             t0 = time.perf_counter()
             keep = f.filter(request, c)
@@ -182,7 +192,7 @@ class Scheduler:
             if weight:
                 total = [t + weight * s for t, s in zip(total, scores, strict=True)]
         t0 = time.perf_counter()
-        picked = profile.picker.pick(c, total, self._k)
+        picked = profile.picker.pick(c, total, self.max_endpoints)
         if observe is not None:
             observe("Picker", profile.picker.type, profile.picker.name, time.perf_counter() - t0)
         if not picked:
@@ -200,20 +210,11 @@ def build_scheduler(
     view: SchedulingView,
     *,
     rng: random.Random | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    staleness: float = 2.0,
     max_endpoints: int = 1,
     observe: PluginObserver | None = None,
 ) -> Scheduler:
-    """A scheduler for a built-in profile name or a parsed config."""
+    """A scheduler for a built-in profile name or a parsed config; ``rng`` drives every random choice."""
     rng = rng or random.Random()
     config = builtin_config(profile) if isinstance(profile, str) else profile
     source = f"profile {profile}" if isinstance(profile, str) else "--config-file"
-    return Scheduler(
-        build_profile(config, rng, source),
-        view,
-        clock=clock,
-        staleness=staleness,
-        max_endpoints=max_endpoints,
-        observe=observe,
-    )
+    return Scheduler(build_profile(config, rng, source), view, max_endpoints=max_endpoints, observe=observe, rng=rng)

@@ -1,0 +1,21 @@
+"""Names on the wire: the endpoint-picker protocol's headers and Envoy metadata keys.
+
+Defined once, here; the ext_proc transport, routing and the Envoy config renderer all
+import them.  A leaf module: it imports nothing from epp.
+"""
+
+from __future__ import annotations
+
+# epp → Envoy: where to send the request
+DESTINATION_HEADER = "x-gateway-destination-endpoint"  # the primary, one ip:port
+LB_NAMESPACE = "envoy.lb"  # dynamic metadata namespace; DESTINATION_HEADER key: primary,fallback,...
+MIRROR_HEADER = "x-gateway-mirror-endpoint"  # epp's load-aware pick in the shadow pool
+# Envoy → epp: which endpoint actually served (override_host writes it into envoy.lb)
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+# Envoy → epp: restrict the pick to a subset
+SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+# client → epp: request options
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+REQUEST_ID_HEADER = "x-request-id"
