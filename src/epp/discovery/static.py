@@ -39,7 +39,6 @@ class StaticPoolSource:
         self._sink = sink
         self._interval = interval
         self._sig: tuple[int, int] | None = None
-        self.reloads = 0
         self.changed = asyncio.Event()  # set at every applied reload (tests wait on it)
 
     async def sync(self) -> None:
@@ -58,7 +57,6 @@ class StaticPoolSource:
             log.error("pool file change ignored: %s", exc)
             return False
         apply_pool_file(self._sink, pool_file)
-        self.reloads += 1
         self.changed.set()
         log.info("pool file reloaded: %d endpoints", len(pool_file.pool.endpoints))
         return True
