@@ -121,6 +121,11 @@ def make_trace(workload: Workload, rate: float, duration: float) -> list[TraceRe
 
 
 def _window_rate(finishes: Sequence[float], lo: float = 0.2, hi: float = 0.8) -> float:
+    """Completions per second between the finishes at ranks int(lo * n) and int(hi * n) - 1.
+
+    Deliberately two order statistics, not `_stats.percentile`: the numerator is the exact
+    number of completions between the two finishes, so both ends must be real finishes.
+    """
     ordered = sorted(finishes)
     a, b = int(lo * len(ordered)), int(hi * len(ordered)) - 1
     return (b - a) / (ordered[b] - ordered[a])

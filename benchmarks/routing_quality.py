@@ -6,12 +6,13 @@ ten reference adapters, Poisson arrivals, 200-1000 output tokens) through epp-si
 `VirtualFleet` in virtual time, once per policy:
 
 - `random`, `round-robin`, `least-inflight`, `gie-default`, `epp-default`: epp's own
-  schedulers, `epp.scheduling.build_scheduler(name, datastore, rng=, clock=)`. The
+  schedulers, `epp.scheduling.build_scheduler(name, datastore, rng=)`. The
   `Datastore` is fed what a real epp would see: each pod's gauges as of its last scrape
   (`--scrape-interval`, 50 ms like epp's `--refresh-metrics-interval`), plus epp's own
-  in-flight tickets, acquired when a request is sent and released when it finishes. The
-  clock passed in is the virtual clock, so metric ages are virtual too. One scheduler per
-  (policy, load) run, so state it learns (e.g. a prefix index) never leaks between runs.
+  in-flight tickets (its load ledger), acquired when a request is sent and released when
+  it finishes. The datastore's clock is the virtual clock, so metric ages are virtual too.
+  One scheduler per (policy, load) run, so state it learns (e.g. a prefix index) never
+  leaks between runs.
 - `oracle`: reads the true engines at the instant of arrival and picks the pod with the
   lowest estimated TTFT (see `OracleRouter`). It knows everything about the present
   (queues, cache contents, KV blocks, LoRA batches) and nothing about the future.
@@ -33,11 +34,16 @@ finish - last arrival) shows the backlog instead.
 Over the whole run: LoRA swaps (adapter loads into a GPU slot, cold loads included),
 preemptions, rejected (requests the scheduler refused, e.g. `Shed` = 429).
 
+Percentiles are `_stats.percentile` (linear interpolation between closest ranks).
+
     python benchmarks/routing_quality.py --quick          # 3 loads, 100 s traces: ~2.5 min on 2 cores
     python benchmarks/routing_quality.py --quick --json   # JSON lines on stdout, table on stderr
     python benchmarks/routing_quality.py                  # 6 loads up to 0.9, 200 s traces: ~10 min
+    python benchmarks/routing_quality.py --quick --out benchmarks/results/routing_quality_quick
 
-Writes `benchmarks/results/routing_quality[_quick].json` and `.png`.
+Writes nothing to disk unless `--out PREFIX` is given; then PREFIX.json (run parameters,
+rows, checks), PREFIX.jsonl (the rows, as `--json` prints them) and PREFIX.png (the plot,
+if matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -58,17 +64,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from _cli import ArgumentParser, Output, float_list, json_line, non_negative_float, positive_float, positive_int
+from _stats import percentile
 from _workload import BASE_MODEL, PODS, Workload, calibrate_capacity, fleet_configs, make_trace
-from epp.datalayer.datastore import Datastore, InflightTicket
-from epp.domain import Endpoint, EndpointMetrics, InferenceRequest
+from epp.datalayer import Datastore, InflightTicket
+from epp.domain import Endpoint, EndpointMetrics, InferenceRequest, Pool, estimate_tokens
 from epp.errors import Rejected
-from epp.openai import estimate_tokens
 from epp.scheduling import build_scheduler
 from epp_sim import Engine, PodSnapshot, Prompt, RequestResult, SimRequest, TraceRequest, VirtualFleet, tokenize
 
 EPP_POLICIES = ("random", "round-robin", "least-inflight", "gie-default", "epp-default")
 POLICIES = (*EPP_POLICIES, "oracle")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class _Drained(Exception):
@@ -126,11 +132,11 @@ class EppRouter:
     def __init__(self, policy: str, run: Run, pods: int, seed: int) -> None:
         self.now = 0.0
         self.run = run
-        self.store = Datastore("routing-quality", clock=self.clock)
+        self.store = Datastore(clock=self.clock)
         self.endpoints = tuple(Endpoint(f"10.0.0.{i + 1}:8000", f"pod-{i}") for i in range(pods))
-        self.store.set_pool(self.endpoints)
+        self.store.set_pool(Pool("routing-quality", endpoints=self.endpoints))
         self.index = {e.address: i for i, e in enumerate(self.endpoints)}
-        self.scheduler = build_scheduler(policy, self.store, rng=random.Random(seed), clock=self.clock)
+        self.scheduler = build_scheduler(policy, self.store, rng=random.Random(seed))
         self._scraped_at = [math.nan] * pods
         self._tickets: dict[str, InflightTicket] = {}
 
@@ -167,7 +173,6 @@ class EppRouter:
             target_model=model,
             prompt=tr.prompt,
             prompt_tokens=estimate_tokens(tr.prompt),
-            max_tokens=tr.max_tokens,
         )
         try:
             ranked = self.scheduler.schedule(request, self.endpoints)
@@ -175,7 +180,7 @@ class EppRouter:
             return self.run.reject(tr.request_id, exc.reason)
         if not ranked:
             return self.run.reject(tr.request_id, "NoPick")
-        self._tickets[tr.request_id] = self.store.acquire(ranked[0], request.prompt_tokens)
+        self._tickets[tr.request_id] = self.store.load.acquire(ranked[0], request.prompt_tokens)
         return self.index[ranked[0].address]
 
     def finished(self, result: RequestResult) -> None:
@@ -322,22 +327,13 @@ def run_policy(task: Task) -> dict[str, Any]:
         fleet.run(trace)
     row = summarise(run, fleet.engines, trace, task.warmup)
     return {
+        "bench": "routing_quality",
         "policy": task.policy,
         "load": task.load,
         **row,
         "rate_rps": round(task.rate, 3),
         "cpu_s": round(time.process_time() - started, 2),
     }
-
-
-def _pct(ordered: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile of an ascending sequence (q in 0..100)."""
-    if not ordered:
-        return math.nan
-    x = (len(ordered) - 1) * q / 100
-    lo = math.floor(x)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (x - lo)
 
 
 def _tokens_within(r: RequestResult, a: float, b: float) -> float:
@@ -363,11 +359,11 @@ def summarise(run: Run, engines: Sequence[Engine], trace: Sequence[TraceRequest]
     on_lora = {r.request_id for r in trace if r.adapter}
     per_pod = Counter(r.pod for r in results)
     return {
-        "ttft_p50_s": _pct(ttft, 50),
-        "ttft_p90_s": _pct(ttft, 90),
-        "ttft_p99_s": _pct(ttft, 99),
-        "itl_p50_s": _pct(itl, 50),
-        "itl_p90_s": _pct(itl, 90),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p90_s": percentile(ttft, 90),
+        "ttft_p99_s": percentile(ttft, 99),
+        "itl_p50_s": percentile(itl, 50),
+        "itl_p90_s": percentile(itl, 90),
         "output_tokens_per_s": sum(_tokens_within(r, *window) for r in results) / span,
         "offered_tokens_per_s": sum(r.max_tokens for r in trace if r.arrival >= cutoff) / span,
         "prefix_hit_rate": sum(r.cached_tokens for r in measured) / prompt if prompt else math.nan,
@@ -376,8 +372,8 @@ def summarise(run: Run, engines: Sequence[Engine], trace: Sequence[TraceRequest]
         "rejected": sum(run.rejected.values()),
         "rejected_by_reason": dict(run.rejected),
         # Diagnostics: where the tail comes from (LoRA slots vs the rest) and hot-spotting.
-        "ttft_p90_base_s": _pct(sorted(r.ttft for r in measured if r.request_id not in on_lora), 90),
-        "ttft_p90_lora_s": _pct(sorted(r.ttft for r in measured if r.request_id in on_lora), 90),
+        "ttft_p90_base_s": percentile((r.ttft for r in measured if r.request_id not in on_lora), 90),
+        "ttft_p90_lora_s": percentile((r.ttft for r in measured if r.request_id in on_lora), 90),
         "max_pod_share": max(per_pod.values()) / len(results) if results else math.nan,
         "drain_s": max(r.finish for r in results) - trace[-1].arrival if results else math.nan,
         "measured": len(measured),
@@ -478,45 +474,61 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
 
 
 def _loads(text: str) -> list[float]:
-    loads = sorted({float(x) for x in text.split(",") if x.strip()})
-    if not loads or loads[0] <= 0:
-        raise argparse.ArgumentTypeError("loads must be positive fractions, e.g. 0.5,0.7,0.85")
-    return loads
+    """Comma-separated positive fractions of capacity, e.g. 0.5,0.7,0.85 (sorted, duplicates dropped)."""
+    return sorted(set(float_list(text)))
+
+
+def _policies(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(POLICIES))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown policies {', '.join(unknown) or '(none given)'} "
+                                         f"(choose from {', '.join(POLICIES)})")
+    return names
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="loads 0.5,0.7,0.85, 100 s of arrivals (< 5 min, 2 cores)")
     p.add_argument("--json", action="store_true", help="one JSON object per (policy, load) on stdout; table to stderr")
     p.add_argument("--loads", type=_loads, help="fractions of capacity (default 0.3,0.5,0.7,0.8,0.85,0.9)")
-    p.add_argument("--duration", type=float, help="seconds of arrivals per trace (default 200; 100 with --quick)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of: " + ", ".join(POLICIES))
-    p.add_argument("--capacity", type=float, help="fleet capacity in requests/s (skips the calibration run)")
-    p.add_argument("--scrape-interval", type=float, default=0.05, help="seconds between metric scrapes (0.05)")
-    p.add_argument("--warmup", type=float, default=40.0, help="seconds of virtual time left out of the stats (40)")
+    p.add_argument("--duration", type=positive_float,
+                   help="seconds of arrivals per trace (default 200; 100 with --quick)")
+    p.add_argument("--policies", type=_policies, default=list(POLICIES),
+                   help="comma-separated subset of: " + ", ".join(POLICIES))
+    p.add_argument("--capacity", type=positive_float, help="fleet capacity in requests/s (skips the calibration run)")
+    p.add_argument("--scrape-interval", type=positive_float, default=0.05,
+                   help="seconds between metric scrapes (0.05)")
+    p.add_argument("--warmup", type=non_negative_float, default=40.0,
+                   help="seconds of virtual time left out of the stats (40)")
     p.add_argument("--seed", type=int, default=0, help="workload and scheduler seed (0)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (CPU count)")
-    p.add_argument("--out", type=Path, help="output path prefix (default benchmarks/results/routing_quality[_quick])")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="worker processes (CPU count)")
+    p.add_argument("--out", type=Path, metavar="PREFIX",
+                   help="write PREFIX.json, PREFIX.jsonl and PREFIX.png (default: write nothing)")
     args = p.parse_args(argv)
     args.loads = args.loads or ([0.5, 0.7, 0.85] if args.quick else [0.3, 0.5, 0.7, 0.8, 0.85, 0.9])
-    args.duration = args.duration or (100.0 if args.quick else 200.0)
-    args.policies = [x.strip() for x in args.policies.split(",") if x.strip()]
-    unknown = set(args.policies) - set(POLICIES)
-    if unknown:
-        p.error(f"unknown policies: {', '.join(sorted(unknown))}")
-    args.out = args.out or RESULTS / ("routing_quality_quick" if args.quick else "routing_quality")
+    if args.duration is None:
+        args.duration = 100.0 if args.quick else 200.0
+    if args.warmup >= args.duration:
+        p.error(f"--warmup {args.warmup:g} s leaves nothing to measure in {args.duration:g} s of arrivals")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    say = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    out = Output(args.json)
+    say = out.say
     workload = Workload(seed=args.seed)
     capacity = args.capacity
     if capacity is None:
         capacity = calibrate_capacity(workload)
         say(f"capacity: {capacity:.1f} requests/s (saturation throughput of {PODS} pods, calibration run)")
+    sparsest = _trace(workload, args.loads[0] * capacity, args.duration)  # fewest arrivals, latest first one
+    if len(sparsest) < 2 or sparsest[0].arrival + args.warmup >= sparsest[-1].arrival:
+        print(f"{Path(sys.argv[0]).name}: error: at load {args.loads[0]:g} the {args.duration:g} s trace has "
+              f"{len(sparsest)} arrivals, none after --warmup {args.warmup:g} s", file=sys.stderr)
+        return 2
     tasks = [
         Task(policy, load, load * capacity, args.duration, workload, args.scrape_interval, args.warmup, args.seed)
         for load in args.loads
@@ -526,12 +538,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = list(pool.map(run_policy, tasks))
     for row in rows:
         row["capacity_rps"] = round(capacity, 3)
-        if args.json:
-            print(json.dumps(row), flush=True)
+        out.row(row)
     say(format_table(rows))
     checks = [c for load in args.loads if load >= min(0.85, args.loads[-1]) for c in target_checks(rows, load)]
     say("\ntargets (computed from the rows above):\n" + format_checks(checks))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out is not None:
+        write_results(args.out, args, workload, capacity, rows, checks, time.monotonic() - started, say)
+    say(f"wall time {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def write_results(
+    prefix: Path,
+    args: argparse.Namespace,
+    workload: Workload,
+    capacity: float,
+    rows: Sequence[dict[str, Any]],
+    checks: Sequence[dict[str, Any]],
+    wall_s: float,
+    say: Callable[[str], None],
+) -> None:
+    """PREFIX.json (parameters, rows, checks), PREFIX.jsonl (one row per line) and PREFIX.png."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "workload": asdict(workload),
         "pods": PODS,
@@ -541,16 +569,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration_s": args.duration,
         "rows": rows,
         "checks": checks,
-        "wall_s": round(time.monotonic() - started, 1),
+        "wall_s": round(wall_s, 1),
     }
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    json_path, jsonl_path, png_path = (prefix.with_name(prefix.name + ext) for ext in (".json", ".jsonl", ".png"))
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    jsonl_path.write_text("".join(json_line(row) + "\n" for row in rows))
     title = f"{PODS} h100-8b pods, capacity {capacity:.1f} req/s, {args.duration:.0f} s of arrivals per load"
-    drawn = plot(rows, args.out.with_suffix(".png"), title)
-    say(f"\nwrote {args.out.with_suffix('.json')}" + (f" and {args.out.with_suffix('.png')}" if drawn else ""))
+    drawn = plot(rows, png_path, title)
+    say(f"\nwrote {json_path}, {jsonl_path}" + (f" and {png_path}" if drawn else ""))
     if not drawn:
         say("matplotlib is not installed: no plot (pip install matplotlib)")
-    say(f"wall time {time.monotonic() - started:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

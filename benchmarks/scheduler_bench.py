@@ -19,7 +19,8 @@ The state is what a busy pool looks like (seeded):
   learned prefixes (the prompt is 3/4 shared prefix, 1/4 unique text); half the requests
   name an adapter.
 
-Each (policy, endpoints, prompt size) gets its own scheduler and datastore.
+Each (policy, endpoints, prompt size) gets its own scheduler and datastore, and is one
+result row; percentiles as in `_stats.py`.
 
     python benchmarks/scheduler_bench.py [--ops 2000] [--quick] [--json]
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import sys
 import time
@@ -38,12 +38,13 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from _cli import ArgumentParser, Output, int_list, positive_int
+from _stats import percentile
 from _workload import ADAPTERS, BASE_MODEL
-from epp.datalayer.datastore import Datastore, InflightTicket
-from epp.domain import Endpoint, EndpointMetrics, InferenceRequest
+from epp.datalayer import Datastore, InflightTicket
+from epp.domain import Endpoint, EndpointMetrics, InferenceRequest, Pool, estimate_tokens
 from epp.errors import Rejected
-from epp.openai import estimate_tokens
-from epp.scheduling import build_scheduler
+from epp.scheduling import BUILTIN_PROFILES, build_scheduler
 
 POLICIES = ("epp-default", "gie-default", "least-inflight")
 ENDPOINTS = (10, 100, 500, 1000)
@@ -59,9 +60,9 @@ def _text(rng: random.Random, chars: int) -> str:
 
 def build_pool(n: int, rng: random.Random) -> tuple[Datastore, tuple[Endpoint, ...], list[InflightTicket]]:
     """A datastore of `n` endpoints with busy-pool metrics and some requests in flight."""
-    store = Datastore("bench", clock=lambda: NOW)
+    store = Datastore(clock=lambda: NOW)
     endpoints = tuple(Endpoint(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:8000", f"pod-{i}") for i in range(n))
-    store.set_pool(endpoints)
+    store.set_pool(Pool("bench", endpoints=endpoints))
     tickets = []
     for e in endpoints:
         active = frozenset(rng.sample(ADAPTERS, rng.randint(1, 4)))
@@ -80,7 +81,7 @@ def build_pool(n: int, rng: random.Random) -> tuple[Datastore, tuple[Endpoint, .
                 updated_at=NOW - rng.uniform(0.0, 0.05),
             ),
         )
-        tickets += [store.acquire(e, rng.randint(500, 6000)) for _ in range(rng.randint(0, 8))]
+        tickets += [store.load.acquire(e, rng.randint(500, 6000)) for _ in range(rng.randint(0, 8))]
     return store, endpoints, tickets
 
 
@@ -90,6 +91,7 @@ def make_requests(count: int, chars: int, prefixes: Sequence[str], rng: random.R
         shared = prefixes[rng.randrange(len(prefixes))]
         prompt = shared + _text(rng, chars - len(shared))
         model = rng.choice(ADAPTERS) if rng.random() < 0.5 else BASE_MODEL
+        rng.randint(200, 1000)  # the former max_tokens draw, kept so a seed gives the same requests as before
         out.append(
             InferenceRequest(
                 request_id=f"b{k}",
@@ -97,20 +99,15 @@ def make_requests(count: int, chars: int, prefixes: Sequence[str], rng: random.R
                 target_model=model,
                 prompt=prompt,
                 prompt_tokens=estimate_tokens(prompt),
-                max_tokens=rng.randint(200, 1000),
             )
         )
     return out
 
 
-def _pct(ordered: Sequence[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, round((len(ordered) - 1) * q / 100))]
-
-
 def measure(policy: str, n: int, chars: int, ops: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     store, endpoints, tickets = build_pool(n, rng)
-    scheduler = build_scheduler(policy, store, rng=random.Random(seed), clock=lambda: NOW)
+    scheduler = build_scheduler(policy, store, rng=random.Random(seed))
     prefixes = [_text(rng, chars * 3 // 4) for _ in range(PREFIXES)]
     warm = make_requests(max(300, n), chars, prefixes, rng)
     timed = make_requests(ops, chars, prefixes, rng)
@@ -118,7 +115,7 @@ def measure(policy: str, n: int, chars: int, ops: int, seed: int) -> dict[str, A
     rejected = 0
 
     def send(request: InferenceRequest, ranked: Sequence[Endpoint]) -> None:
-        inflight.append(store.acquire(ranked[0], request.prompt_tokens))
+        inflight.append(store.load.acquire(ranked[0], request.prompt_tokens))
         inflight.popleft().release()
 
     for request in warm:
@@ -139,54 +136,62 @@ def measure(policy: str, n: int, chars: int, ops: int, seed: int) -> dict[str, A
             rejected += 1
     samples.sort()
     return {
+        "bench": "scheduler_bench",
         "policy": policy,
         "endpoints": n,
         "prompt_chars": chars,
         "ops": ops,
-        "p50_ms": _pct(samples, 50) / 1e6,
-        "p99_ms": _pct(samples, 99) / 1e6,
+        "p50_ms": percentile(samples, 50) / 1e6,
+        "p99_ms": percentile(samples, 99) / 1e6,
         "mean_ms": sum(samples) / len(samples) / 1e6,
         "rejected": rejected,
     }
 
 
+def _policies(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(BUILTIN_PROFILES))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown policies {', '.join(unknown) or '(none given)'} (built in: {', '.join(BUILTIN_PROFILES)})"
+        )
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ops", type=int, help="timed decisions per cell (default 2000; 500 with --quick)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ops", type=positive_int, help="timed decisions per cell (default 2000; 500 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer ops per cell")
     p.add_argument("--json", action="store_true", help="one JSON object per cell on stdout; table to stderr")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: %(default)s)")
-    p.add_argument("--endpoints", default=",".join(map(str, ENDPOINTS)), help="comma-separated (default: %(default)s)")
+    p.add_argument("--policies", type=_policies, default=list(POLICIES),
+                   help=f"comma-separated (default: {','.join(POLICIES)})")
+    p.add_argument("--endpoints", type=int_list, default=list(ENDPOINTS),
+                   help=f"comma-separated (default: {','.join(map(str, ENDPOINTS))})")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     ops = args.ops or (500 if args.quick else 2000)
-    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
-    sizes = [int(x) for x in args.endpoints.split(",") if x.strip()]
-    out = sys.stderr if args.json else sys.stdout
+    out = Output(args.json)
     head = f"{'policy':<15}{'endpoints':>10}{'prompt':>8}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}"
-    print(head, "-" * len(head), sep="\n", file=out, flush=True)
+    out.say(head)
+    out.say("-" * len(head))
     rows = []
-    for n in sizes:
+    for n in args.endpoints:
         for chars in PROMPT_CHARS:
-            for policy in policies:
+            for policy in args.policies:
                 row = measure(policy, n, chars, ops, args.seed)
                 rows.append(row)
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                print(
-                    f"{policy:<15}{n:>10}{chars:>8}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['mean_ms']:>9.3f}",
-                    file=out,
-                    flush=True,
+                out.row(row)
+                out.say(
+                    f"{policy:<15}{n:>10}{chars:>8}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['mean_ms']:>9.3f}"
                 )
     keys = ("policy", "endpoints", "prompt_chars")
     for row in rows:
         if all(row[k] == TARGET[k] for k in keys):
             for q in ("p50_ms", "p99_ms"):
                 ok = row[q] <= TARGET[q]
-                print(
+                out.say(
                     f"target {TARGET['policy']} @ {TARGET['endpoints']} endpoints, {TARGET['prompt_chars']}-char "
-                    f"prompts: {q[:3]} {row[q]:.3f} ms (target <= {TARGET[q]} ms) {'PASS' if ok else 'MISS'}",
-                    file=out,
+                    f"prompts: {q[:3]} {row[q]:.3f} ms (target <= {TARGET[q]} ms) {'PASS' if ok else 'MISS'}"
                 )
     return 0
 

@@ -28,6 +28,7 @@ class SupervisedTask:
         self._supervisor = supervisor
         self._run = run
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=name)
+        self._task.add_done_callback(lambda _: supervisor._tasks.discard(self))
 
     async def _loop(self) -> None:
         delay = self._supervisor.backoff
@@ -49,15 +50,13 @@ class SupervisedTask:
         return self._task.done()
 
     def cancel(self) -> None:
-        """Ask the task to stop, without waiting (for synchronous callers)."""
+        """Ask the task to stop, without waiting (for synchronous callers; ``Supervisor.aclose`` still waits)."""
         self._task.cancel()
-        self._supervisor._tasks.discard(self)
 
     async def stop(self) -> None:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        self._supervisor._tasks.discard(self)
 
 
 class Supervisor:
@@ -87,6 +86,5 @@ class Supervisor:
 
     async def aclose(self) -> None:
         """Cancel every task and wait for all of them to exit (idempotent)."""
-        tasks, self._tasks = list(self._tasks), set()
-        for t in tasks:
+        for t in list(self._tasks):
             await t.stop()

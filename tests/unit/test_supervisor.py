@@ -79,3 +79,22 @@ async def test_app_counts_background_failures_in_metrics(write_pool, start_app) 
     await asyncio.wait_for(done.wait(), 5)  # the raise and its handling ran in the same step as set()
     value = app.metrics.registry.get_sample_value("epp_background_task_failures_total", {"task": "discovery"})
     assert value == 1.0
+
+
+async def test_a_task_cancelled_without_waiting_is_still_awaited_at_close() -> None:
+    started, cleaned = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0)  # cleanup that needs one more loop turn
+            cleaned.set()
+
+    sup = Supervisor()
+    task = sup.spawn("scrape x", slow_to_stop)
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()  # what ScrapeLoops does when an endpoint leaves
+    await sup.aclose()
+    assert cleaned.is_set() and task.done and sup.tasks == frozenset()
