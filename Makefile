@@ -35,7 +35,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy --strict src
 	@# llm-d-inference-sim for the compatibility test: built with Go once, then cached
-	$(BIN)/python tests/llmd_sim.py
+	$(BIN)/python tests/support/llmd_sim.py
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -15,7 +15,7 @@ import sys
 import uvloop
 from aiohttp import web
 
-from _vllm_page import vllm_exposition
+from epp_sim.vllm_page import vllm_exposition
 
 KEEP = (
     "vllm:num_requests_running",

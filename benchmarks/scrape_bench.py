@@ -32,13 +32,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _cli import ArgumentParser, Output, duration, positive_float, positive_int
 from _stats import percentile
-from _vllm_page import vllm_exposition
 from epp.datalayer import Datastore
 from epp.datalayer.engines import ENGINES
 from epp.datalayer.exposition import parse_metrics
 from epp.datalayer.scraper import ScrapeLoops
 from epp.domain import Endpoint, Pool
 from epp.supervisor import Supervisor
+from epp_sim.vllm_page import vllm_exposition
 
 VLLM = ENGINES["vllm"]
 SERVERS = Path(__file__).resolve().with_name("_metrics_servers.py")

@@ -1,21 +1,23 @@
-"""Shared fixtures: pool files, an in-process epp App on free ports, an ext_proc client."""
+"""Shared fixtures: uvloop, the `epp` logger restored after every test, pool files, an
+in-process epp App on free ports, an ext_proc client.  Plain helpers live in support/."""
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import uvloop
-import yaml
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
 from epp.app import App
-from epp.config import Settings
+
+from support import pool_doc, settings, write_yaml
+from support.messages import ExtProcClient
 
 PoolWriter = Callable[..., Path]
 
@@ -25,37 +27,36 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
+@pytest.fixture(autouse=True)
+def _epp_logger_restored() -> Iterator[None]:
+    """Whatever a test does to the `epp` logger (``epp serve`` in-process calls
+    ``setup_logging``, which points it at the test's captured, soon closed, stderr and
+    stops propagation), the next test gets it back as it was."""
+    logger = logging.getLogger("epp")
+    handlers, level, propagate, disabled = list(logger.handlers), logger.level, logger.propagate, logger.disabled
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)  # (setLevel, not .level =: it also clears the loggers' isEnabledFor cache)
+    logger.propagate, logger.disabled = propagate, disabled
+
+
 @pytest.fixture
 def write_pool(tmp_path: Path) -> PoolWriter:
-    def write(endpoints: list[Any], *, models: list[dict[str, Any]] | None = None,
-              mirror: list[str] | None = None, failure_mode: str = "FailClose", name: str = "pool.yaml") -> Path:
-        doc: dict[str, Any] = {"pool": {"name": "test-pool", "failureMode": failure_mode, "endpoints": endpoints}}
-        if models is not None:
-            doc["models"] = models
-        if mirror is not None:
-            doc["mirror"] = {"name": "test-shadow", "endpoints": mirror}
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(doc))
-        return path
+    """Write a pool file (``support.pool_doc``) into the test's directory; rewrite it to change the pool."""
+
+    def write(endpoints: list[Any], *, name: str = "pool.yaml", **kw: Any) -> Path:
+        return write_yaml(tmp_path / name, pool_doc(endpoints, **kw))
 
     return write
 
 
-def make_settings(pool_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(
-        pool_file=str(pool_path), grpc_port=0, grpc_health_port=0, metrics_port=0, bind_address="127.0.0.1",
-        secure_serving=False, drain_timeout=2.0, pool_file_poll_interval=0.05,
-    )
-    values.update(overrides)
-    return Settings(**values)
-
-
 @pytest.fixture
 async def start_app() -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process Apps on free ports (``support.settings`` plus overrides); all closed after the test."""
     apps: list[App] = []
 
     async def start(pool_path: Path, **overrides: Any) -> App:
-        app = App(make_settings(pool_path, **overrides), registry=CollectorRegistry(), rng=random.Random(7))
+        app = App(settings(pool_path, **overrides), registry=CollectorRegistry(), rng=random.Random(7))
         await app.start()
         apps.append(app)
         return app
@@ -65,33 +66,9 @@ async def start_app() -> AsyncIterator[Callable[..., Any]]:
         await app.aclose()
 
 
-class ExtProcClient:
-    """A thin ext_proc client: open a stream, send messages, read replies."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.stub = pb_grpc.ExternalProcessorStub(channel)
-
-    def open(self) -> Any:
-        return self.stub.Process()
-
-    async def send(self, call: Any, message: Any, replies: int) -> list[Any]:
-        await call.write(message)
-        return [await call.read() for _ in range(replies)]
-
-    async def run(self, messages: list[Any]) -> list[Any]:
-        """Send everything, half-close, collect all replies until the stream ends."""
-        call = self.stub.Process()
-        for m in messages:
-            await call.write(m)
-        await call.done_writing()
-        out = []
-        while (r := await call.read()) != grpc.aio.EOF:
-            out.append(r)
-        return out
-
-
 @pytest.fixture
 async def client_for() -> AsyncIterator[Callable[[App], ExtProcClient]]:
+    """An ext_proc client for an App (plaintext); channels closed after the test."""
     channels: list[grpc.aio.Channel] = []
 
     def make(app: App) -> ExtProcClient:

@@ -46,7 +46,7 @@ SCENARIO_REQUEST = {
     "messages": [{"role": "user", "content": "introduce yourself"}],
 }
 _LISTENING = re.compile(r"epp-sim pod (\S+) listening on (\S+)")
-_EPP_STARTED = re.compile(r"ext_proc :(\d+) \((\w+)\), health :(\d+), metrics :(\d+)")
+_EPP_READY = re.compile(r'^(\{"event": "ready".*\})$', re.MULTILINE)  # epp serve's readiness line
 
 
 class DemoError(Exception):
@@ -164,8 +164,9 @@ class Demo:
             "127.0.0.1",
             "--secure-serving=true",
         ]
-        (m,) = await self._spawn("epp", argv, _EPP_STARTED, "stderr")
-        grpc_port, metrics_port = int(m.group(1)), int(m.group(4))
+        (m,) = await self._spawn("epp", argv, _EPP_READY, "both")
+        ready = orjson.loads(m.group(1))
+        grpc_port, metrics_port = int(ready["grpc_port"]), int(ready["metrics_port"])
         self.say(f"  ext_proc 127.0.0.1:{grpc_port}, metrics http://127.0.0.1:{metrics_port}/metrics")
         how = "load-aware: epp picks the shadow pod" if self.mirror == "load-aware" else "plain round-robin"
         self.say(

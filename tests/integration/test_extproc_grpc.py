@@ -11,8 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from messages import (
+from support import MODEL_LABELS, MODELS, value
+from support.messages import (
     BUFFERED,
+    ExtProcClient,
     lb_metadata,
     request_body,
     request_headers,
@@ -24,16 +26,18 @@ from messages import (
 )
 
 A, B = "127.0.0.1:18001", "127.0.0.1:18002"
-MODELS = [{"modelName": "m", "criticality": "Critical", "targetModels": [{"name": "m-target", "weight": 100}]}]
 
 
 def body_of(model: str = "m", **extra: object) -> bytes:
     return orjson.dumps({"model": model, "prompt": "hello world", "max_tokens": 5, **extra})
 
 
-def value(app, name: str, labels: dict[str, str] | None = None) -> float:
-    v = app.metrics.registry.get_sample_value(name, labels or {})
-    return 0.0 if v is None else v
+async def finish(app, call) -> None:
+    """Half-close the stream, expect epp to end it, and nothing to stay in flight."""
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    await app.servicer.wait_idle()
+    assert app.datastore.load.total_inflight() == 0
 
 
 @pytest.fixture
@@ -76,14 +80,10 @@ async def test_full_duplex_defers_headers_until_body_end_and_rewrites_model(app,
     r = await client.send(call, response_body(out, end_of_stream=True), 1)
     returned = r[0].response_body.response.body_mutation.streamed_response
     assert orjson.loads(returned.body)["model"] == "m" and returned.end_of_stream
-    await call.done_writing()
-    assert await call.read() == grpc.aio.EOF
-    await app.servicer.wait_idle()
-    assert app.datastore.load.total_inflight() == 0
-    labels = {"model_name": "m", "target_model_name": "m-target"}
-    assert value(app, "inference_model_request_total", labels) == 1
-    assert value(app, "inference_model_output_tokens_sum", labels) == 5
-    assert value(app, "inference_model_input_tokens_sum", labels) == 3
+    await finish(app, call)
+    assert value(app, "inference_model_request_total", MODEL_LABELS) == 1
+    assert value(app, "inference_model_output_tokens_sum", MODEL_LABELS) == 5
+    assert value(app, "inference_model_input_tokens_sum", MODEL_LABELS) == 3
     assert value(app, "inference_model_running_requests", {"model_name": "m"}) == 0
 
 
@@ -116,10 +116,7 @@ async def test_buffered_mode_answers_headers_at_once_and_routes_in_body_reply(ap
     assert orjson.loads(common.body_mutation.body)["model"] == "m-target"
     assert hdrs["content-length"] == str(len(common.body_mutation.body))
     assert "envoy.lb" in lb_metadata(reply)
-    await call.done_writing()
-    assert await call.read() == grpc.aio.EOF
-    await app.servicer.wait_idle()
-    assert app.datastore.load.total_inflight() == 0
+    await finish(app, call)
 
 
 async def test_bodyless_get_is_routed_on_headers(app, client):
@@ -217,11 +214,8 @@ async def test_sse_usage_split_across_chunks_is_counted(app, client):
     (r,) = await client.send(call, response_body(b"", end_of_stream=True), 1)
     out += r.response_body.response.body_mutation.streamed_response.body
     assert out == events.replace(b'"model":"m-target"', b'"model":"m"')
-    await call.done_writing()
-    await call.read()
-    await app.servicer.wait_idle()
-    labels = {"model_name": "m", "target_model_name": "m-target"}
-    assert value(app, "inference_model_output_tokens_sum", labels) == 7
+    await finish(app, call)
+    assert value(app, "inference_model_output_tokens_sum", MODEL_LABELS) == 7
 
 
 async def test_response_chunks_pass_through_unchanged_without_rewrite(write_pool, start_app, client_for):
@@ -234,8 +228,7 @@ async def test_response_chunks_pass_through_unchanged_without_rewrite(write_pool
     for chunk, eos in ((b'{"model":"m",', False), (b'"x":1}', True)):
         (r,) = await client.send(call, response_body(chunk, eos), 1)
         assert r.response_body.response.body_mutation.streamed_response.body == chunk
-    await call.done_writing()
-    await call.read()
+    await finish(app, call)
 
 
 @pytest.mark.parametrize("where", ["mid-body", "after-routing", "mid-response"])
@@ -266,8 +259,7 @@ async def test_served_endpoint_reported_by_envoy_takes_the_inflight_claim(app, c
     assert app.datastore.load.inflight(A) == 0 and app.datastore.load.inflight(B) == 1
     await client.send(call, response_body(b"{}", True), 1)
     assert app.datastore.load.total_inflight() == 0
-    await call.done_writing()
-    await call.read()
+    await finish(app, call)
 
 
 async def test_response_trailers_end_the_request(app, client):
@@ -302,10 +294,10 @@ async def test_reflection_lists_ext_proc(app):
         async def one():
             yield reflection_pb2.ServerReflectionRequest(list_services="")
 
-        async for resp in stub.ServerReflectionInfo(one()):
-            names = {s.name for s in resp.list_services_response.service}
-            assert "envoy.service.ext_proc.v3.ExternalProcessor" in names
-            break
+        responses = [resp async for resp in stub.ServerReflectionInfo(one())]
+    assert len(responses) == 1  # one answer to the one request (an empty stream would pass a loop of asserts)
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert "envoy.service.ext_proc.v3.ExternalProcessor" in names
 
 
 async def test_pool_file_change_adds_and_removes_endpoints(write_pool, start_app, client_for):
@@ -353,7 +345,5 @@ async def test_cert_path_is_loaded_and_served(write_pool, start_app, tmp_path):
     app = await start_app(write_pool([A]), secure_serving=True, cert_path=str(tmp_path))
     creds = grpc.ssl_channel_credentials(root_certificates=cert)  # verify against exactly that cert
     async with grpc.aio.secure_channel(f"localhost:{app.grpc_port}", creds) as ch:
-        from conftest import ExtProcClient
-
         (r,) = await ExtProcClient(ch).run([request_headers(method="GET", end_of_stream=True)])
     assert set_headers(r)["x-gateway-destination-endpoint"] == A

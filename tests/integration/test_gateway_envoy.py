@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry
 
 from epp.app import App
@@ -26,10 +25,9 @@ from epp.config import load_pool_file
 from epp.envoy.config import render_bootstrap
 from epp.envoy.process import EnvoyProcess
 
-from conftest import make_settings
-from upstreams import Upstream
+from support import MODEL_LABELS, MODELS, pool_doc, settings, value, write_yaml
+from support.upstreams import Upstream, wait_for_arrivals
 
-MODELS = [{"modelName": "m", "criticality": "Critical", "targetModels": [{"name": "m-target", "weight": 100}]}]
 COMPLETION = {"model": "m", "prompt": "Say hello", "max_tokens": 3}
 
 
@@ -43,12 +41,11 @@ class Gateway:
     shadow: Upstream | None = None
     extra: list[Any] = field(default_factory=list)
 
-    def by_address(self, address: str) -> Upstream:
-        return next(u for u in self.upstreams if u.address == address)
+    def by_address(self, address: str) -> Upstream | None:
+        return next((u for u in self.upstreams if u.address == address), None)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        v = self.app.metrics.registry.get_sample_value(name, labels or {})
-        return 0.0 if v is None else v
+        return value(self.app, name, labels)
 
     async def post(self, doc: Any = None, *, data: bytes | None = None, path: str = "/v1/completions",
                    headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -56,11 +53,6 @@ class Gateway:
         async with self.http.post(self.url + path, data=payload,
                                   headers={"content-type": "application/json", **(headers or {})}) as r:
             return r.status, dict(r.headers), await r.read()
-
-
-def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 @pytest.fixture
@@ -72,22 +64,19 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         failure_mode: str = "FailClose", models: list[dict[str, Any]] | None = MODELS, mirror: bool = False,
         epp_extra_endpoints: tuple[str, ...] = (), envoy_endpoints: list[int] | None = None,
         mutate: Callable[[dict[str, Any]], None] | None = None, shadows: list[str] | None = None,
-        mirror_lb: str = "load-aware", **settings: Any,
+        mirror_lb: str = "load-aware", **overrides: Any,
     ) -> Gateway:
         ups = [await Upstream(f"pod-{i}").start() for i in range(n)]
         shadow = await Upstream("shadow").start() if mirror and shadows is None else None
-        pool: dict[str, Any] = {"name": "test-pool", "failureMode": failure_mode,
-                                "endpoints": [u.address for u in ups] + list(epp_extra_endpoints)}
-        doc: dict[str, Any] = {"pool": pool}
-        if models is not None:
-            doc["models"] = models
-        if shadow is not None or shadows is not None:
-            doc["mirror"] = {"name": "test-shadow", "endpoints": shadows or [shadow.address]}  # type: ignore[union-attr]
+        mirror_to = shadows if shadows is not None else [shadow.address] if shadow is not None else None
+        doc = pool_doc([u.address for u in ups] + list(epp_extra_endpoints), models=models, mirror=mirror_to,
+                       failure_mode=failure_mode)
         epp_pool = write_yaml(tmp_path / f"epp-{len(started)}.yaml", doc)
-        app = App(make_settings(epp_pool, secure_serving=tls, **settings), registry=CollectorRegistry(),
+        app = App(settings(epp_pool, secure_serving=tls, **overrides), registry=CollectorRegistry(),
                   rng=random.Random(11))
         await app.start()
-        envoy_doc = {**doc, "pool": {**pool, "endpoints": [ups[i].address for i in (envoy_endpoints or range(n))]}}
+        envoy_doc = pool_doc([ups[i].address for i in (envoy_endpoints or range(n))], models=models,
+                             mirror=mirror_to, failure_mode=failure_mode)  # Envoy's cluster may list fewer
         envoy_pool = write_yaml(tmp_path / f"envoy-{len(started)}.yaml", envoy_doc)
         config = render_bootstrap(
             load_pool_file(envoy_pool), listen_port=0, epp_address=f"127.0.0.1:{app.grpc_port}",
@@ -124,13 +113,7 @@ async def test_requests_land_on_the_endpoint_epp_chose_with_the_rewritten_body(g
     tasks = []
     for i in range(6):
         tasks.append(asyncio.create_task(gw.post({**COMPLETION, "prompt": f"hello {i}"})))
-        while sum(len(u.seen) for u in gw.upstreams) < i + 1:  # one at a time: each pick sees the last
-            arrivals = [asyncio.create_task(u.arrived.wait()) for u in gw.upstreams]
-            await asyncio.wait(arrivals, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-            for t in arrivals:
-                t.cancel()
-            for u in gw.upstreams:
-                u.arrived.clear()
+        await wait_for_arrivals(gw.upstreams, i + 1)  # one at a time: each pick sees the last
     hold.set()
     served = []
     for i, task in enumerate(tasks):
@@ -148,9 +131,8 @@ async def test_requests_land_on_the_endpoint_epp_chose_with_the_rewritten_body(g
     assert sorted(served) == ["pod-0"] * 3 + ["pod-1"] * 3  # in-flight load spreads them evenly
     await gw.app.servicer.wait_idle()
     assert gw.app.datastore.load.total_inflight() == 0
-    labels = {"model_name": "m", "target_model_name": "m-target"}
-    assert gw.value("inference_model_request_total", labels) == 6
-    assert gw.value("inference_model_output_tokens_sum", labels) == 18
+    assert gw.value("inference_model_request_total", MODEL_LABELS) == 6
+    assert gw.value("inference_model_output_tokens_sum", MODEL_LABELS) == 18
 
 
 @pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
@@ -164,9 +146,8 @@ async def test_sse_stream_reaches_the_client_intact_and_usage_is_counted(gateway
     texts = [orjson.loads(e[6:]) for e in events[:-1]]
     assert "".join(t["choices"][0]["text"] for t in texts[:3]) == f"Hello from {headers['x-served-by']}"
     assert all(t["model"] == "m" for t in texts)
-    labels = {"model_name": "m", "target_model_name": "m-target"}
-    assert gw.value("inference_model_output_tokens_sum", labels) == 3
-    assert gw.value("inference_model_input_tokens_sum", labels) == 7
+    assert gw.value("inference_model_output_tokens_sum", MODEL_LABELS) == 3
+    assert gw.value("inference_model_input_tokens_sum", MODEL_LABELS) == 7
     assert gw.app.datastore.load.total_inflight() == 0
 
 
@@ -200,7 +181,7 @@ async def test_bad_inputs_get_their_status_and_json_body_through_envoy(gateway, 
     assert all(not u.seen for u in gw.upstreams)
     # empty the pool while serving: no ready endpoint → 503
     gw.app.discovery.changed.clear()
-    write_yaml(Path(gw.app.settings.pool_file), {"pool": {"name": "test-pool", "endpoints": []}})
+    write_yaml(Path(gw.app.settings.pool_file), pool_doc([]))
     await asyncio.wait_for(gw.app.discovery.changed.wait(), 10)
     status, _, body = await gw.post(COMPLETION)
     assert status == 503 and orjson.loads(body)["error"]["code"] == 503
@@ -246,8 +227,11 @@ async def test_tls_to_epp_with_a_self_signed_certificate(gateway):
     gw = await gateway(tls=True)
     status, headers, _ = await gw.post(COMPLETION)
     assert status == 200
-    assert gw.by_address(gw.upstreams[0].address) is not None and headers["x-served-by"] in ("pod-0", "pod-1")
-    assert gw.value("inference_model_request_total", {"model_name": "m", "target_model_name": "m-target"}) == 1
+    (reached,) = [u for u in gw.upstreams if u.seen]
+    # the pod that answered is the one epp chose, over its TLS ext_proc stream
+    assert gw.by_address(reached.seen[-1].headers["x-gateway-destination-endpoint"]) is reached
+    assert headers["x-served-by"] == reached.name
+    assert gw.value("inference_model_request_total", MODEL_LABELS) == 1
 
 
 def _subset_hint_filter(addresses: list[str]) -> Callable[[dict[str, Any]], None]:
@@ -305,14 +289,12 @@ async def test_served_endpoint_moves_the_inflight_claim_during_a_stream(gateway)
 
 async def test_mirror_gets_a_copy_and_the_client_only_sees_the_primary(gateway):
     gw = await gateway(mirror=True)
-    assert gw.shadow is not None
+    assert gw.shadow is not None and gw.app.datastore.pool_of(gw.shadow.address).name == "test-shadow"
     gw.shadow.status = 500
     for _ in range(3):
         status, headers, _ = await gw.post(COMPLETION)
         assert status == 200 and headers["x-served-by"].startswith("pod-")
-    while len(gw.shadow.seen) < 3:  # mirrored requests are fire-and-forget: wait for each arrival
-        gw.shadow.arrived.clear()
-        await asyncio.wait_for(gw.shadow.arrived.wait(), 10)
+    await wait_for_arrivals([gw.shadow], 3)  # mirrored requests are fire-and-forget: wait for them
     assert len(gw.shadow.seen) == 3
     assert all(s.headers["host"].split(":")[0].endswith("-shadow") for s in gw.shadow.seen)
     assert all(orjson.loads(s.body)["model"] == "m-target" for s in gw.shadow.seen)
@@ -320,7 +302,7 @@ async def test_mirror_gets_a_copy_and_the_client_only_sees_the_primary(gateway):
 
 async def test_slow_shadow_never_delays_the_primary(gateway):
     gw = await gateway(mirror=True)
-    assert gw.shadow is not None
+    assert gw.shadow is not None and gw.app.datastore.pool_of(gw.shadow.address).name == "test-shadow"
     gw.shadow.hold = asyncio.Event()  # the shadow answers only when the test says so
     try:
         for _ in range(3):
@@ -338,9 +320,7 @@ async def test_plain_mirror_round_robins_and_a_dead_shadow_pod_never_affects_the
         for _ in range(6):
             status, _, _ = await gw.post(COMPLETION)
             assert status == 200
-        while len(live.seen) < 3:  # round-robin: every other copy goes to the dead pod and is lost
-            live.arrived.clear()
-            await asyncio.wait_for(live.arrived.wait(), 10)
+        await wait_for_arrivals([live], 3)  # round-robin: every other copy goes to the dead pod and is lost
         assert len(live.seen) == 3
     finally:
         await live.aclose()

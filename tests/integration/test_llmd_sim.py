@@ -6,7 +6,7 @@ The test shows epp reads their queue / running / KV / LoRA / cache-geometry metr
 that requests reach both pods.
 
 The simulator is built once with ``go install …@v0.10.2`` into ``~/.cache/epp/go-bin``
-(see ``tests/llmd_sim.py``); the test is skipped only where no Go toolchain exists.
+(see ``tests/support/llmd_sim.py``); the test is skipped only where no Go toolchain exists.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-import llmd_sim
 from epp.app import App
 from epp.config import load_pool_file
 from epp.domain import EndpointMetrics
 from epp.envoy.config import render_bootstrap
 from epp.envoy.process import EnvoyProcess
 
-from conftest import make_settings
+from support import llmd_sim, settings
 
 BASE_MODEL = "/model/llama2"
 ADAPTERS = ("sql-lora", "tweet-summary")
@@ -120,7 +119,7 @@ async def fleet(sim_binary: Path, tmp_path: Path, write_pool) -> AsyncIterator[F
             await sim.start(http)
         # No `models:` section: epp passes model names (base model and adapters) through.
         pool = write_pool([s.address for s in sims])
-        app = App(make_settings(pool), registry=CollectorRegistry(), rng=random.Random(3))
+        app = App(settings(pool), registry=CollectorRegistry(), rng=random.Random(3))
         await app.start()
         envoy = EnvoyProcess(render_bootstrap(load_pool_file(pool), listen_port=0,
                                               epp_address=f"127.0.0.1:{app.grpc_port}"))

@@ -13,9 +13,10 @@ from epp.datalayer.engines import ENGINES
 from epp.datalayer.scraper import EndpointScraper, ScrapeLoops
 from epp.domain import Endpoint
 from epp.supervisor import Supervisor
-from vllm_page import vllm_exposition
+from epp_sim.vllm_page import vllm_exposition
 
 from support import pool
+from support.upstreams import serve_app
 
 
 @dataclass
@@ -35,10 +36,7 @@ class MetricsPod:
     async def start(self) -> MetricsPod:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.port = self.runner.addresses[0][1]
+        self.runner, self.port = await serve_app(app)
         return self
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:

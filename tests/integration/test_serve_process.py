@@ -1,47 +1,60 @@
-"""`epp serve` as a real process: start-up line, SIGTERM drain, exit codes, envoy-config CLI."""
+"""`epp serve` as a real process: the readiness contract, SIGTERM drain, TLS, exit codes,
+and the envoy-config command."""
 
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
-import sys
-from pathlib import Path
 
+import aiohttp
 import grpc
 import orjson
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import ExtProcClient
-from messages import request_body, request_headers, response_body, response_headers, set_headers
+from support import pool_doc, write_yaml
+from support.messages import (
+    ExtProcClient,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    set_headers,
+)
+from support.serve import EPP, READY_KEYS, serving, start_serve
 
-EPP = [sys.executable, "-m", "epp"]
-STARTED = re.compile(rb"ext_proc :(\d+) \((\w+)\), health :(\d+), metrics :(\d+)")
 
-
-async def start_serve(pool: Path, *extra: str) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
-    proc = await asyncio.create_subprocess_exec(
-        *EPP, "serve", "--pool-file", str(pool), "--grpc-port", "0", "--grpc-health-port", "0",
-        "--metrics-port", "0", "--bind-address", "127.0.0.1", *extra,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    async with asyncio.timeout(20):
-        while True:
-            line = await proc.stderr.readline()
-            assert line, "epp exited before it started serving"
-            if m := STARTED.search(line):
-                ports = {"grpc": int(m[1]), "health": int(m[3]), "metrics": int(m[4])}
-                return proc, ports
+async def test_ready_line_is_the_one_stdout_line_and_every_port_it_names_answers(write_pool):
+    pool = write_pool(["127.0.0.1:18001", "127.0.0.1:18002"], mirror=["127.0.0.1:18101"])
+    served = await start_serve(pool, "--secure-serving=false")
+    try:
+        ready = served.ready
+        assert set(ready) == READY_KEYS
+        assert (ready["event"], ready["pool"], ready["endpoints"], ready["tls"]) == ("ready", "test-pool", 2, False)
+        ports = [ready["grpc_port"], ready["health_port"], ready["metrics_port"]]
+        assert all(isinstance(p, int) and p > 0 for p in ports) and len(set(ports)) == 3
+        # every port is bound and serving the moment the line appears: no retry, no wait
+        async with grpc.aio.insecure_channel(served.address("health")) as ch:
+            health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="readiness"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        async with aiohttp.ClientSession() as http, http.get(f"http://{served.address('metrics')}/metrics") as r:
+            assert r.status == 200 and 'inference_pool_ready_pods{name="test-pool"}' in await r.text()
+        async with grpc.aio.insecure_channel(served.address("grpc")) as ch:
+            (reply,) = await ExtProcClient(ch).run([request_headers(method="GET", end_of_stream=True)])
+        assert set_headers(reply)["x-gateway-destination-endpoint"] in ("127.0.0.1:18001", "127.0.0.1:18002")
+        assert await served.stop() == 0
+        assert served.proc.stdout is not None
+        assert await served.proc.stdout.read() == b""  # exactly one line on stdout, all the way to the exit
+    finally:
+        await served.kill()
 
 
 async def test_sigterm_drains_open_streams_then_exits_zero(write_pool):
-    proc, ports = await start_serve(write_pool(["127.0.0.1:18001"]), "--secure-serving=false", "--drain-timeout", "20s")
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as ch, \
-                grpc.aio.insecure_channel(f"127.0.0.1:{ports['health']}") as hch:
+    async with serving(write_pool(["127.0.0.1:18001"]), "--secure-serving=false", "--drain-timeout", "20s") as served:
+        proc = served.proc
+        async with grpc.aio.insecure_channel(served.address("grpc")) as ch, \
+                grpc.aio.insecure_channel(served.address("health")) as hch:
             client = ExtProcClient(ch)
             call = client.open()
             await call.write(request_headers())
@@ -64,35 +77,28 @@ async def test_sigterm_drains_open_streams_then_exits_zero(write_pool):
             await call.done_writing()
             assert await call.read() == grpc.aio.EOF
         assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_self_signed_tls_by_default(write_pool):
-    proc, ports = await start_serve(write_pool(["127.0.0.1:18001"]))
-    try:
+    async with serving(write_pool(["127.0.0.1:18001"])) as served:
+        assert served.ready["tls"] is True
         creds = grpc.ssl_channel_credentials()
         # verification fails against a self-signed cert: proves TLS is on; Envoy skips verification
-        async with grpc.aio.secure_channel(f"127.0.0.1:{ports['grpc']}", creds) as ch:
+        async with grpc.aio.secure_channel(served.address("grpc"), creds) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
                 await ExtProcClient(ch).run([request_headers(method="GET", end_of_stream=True)])
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as ch:
+        async with grpc.aio.insecure_channel(served.address("grpc")) as ch:
             with pytest.raises(grpc.aio.AioRpcError):
                 await ExtProcClient(ch).run([request_headers(method="GET", end_of_stream=True)])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        assert await served.stop() == 0
 
 
-async def test_bad_pool_file_exits_2_with_one_line(tmp_path):
-    bad = tmp_path / "pool.yaml"
-    bad.write_text(yaml.safe_dump({"pool": {"name": "p", "endpoints": ["1.2.3.4"]}}))
+async def test_bad_pool_file_exits_2_with_one_line_and_no_ready_line(tmp_path):
+    bad = write_yaml(tmp_path / "pool.yaml", pool_doc(["1.2.3.4"]))
     proc = await asyncio.create_subprocess_exec(*EPP, "serve", "--pool-file", str(bad),
-                                                stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
-    assert proc.returncode == 2
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2 and out == b""
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "pool.endpoints" in lines[0] and "host:port" in lines[0]
 

@@ -19,6 +19,7 @@ async def test_epp_sees_sim_queue_kv_and_lora(write_pool, start_app, fmt):
         a, b = fleet.pods
         a.set_metrics(MetricsOverride(waiting=7, running=3, kv_usage=0.9, running_adapters=("sql-lora",),
                                       waiting_adapters=("tweet-summary",)))
+        assert set(app.scrapers.scrapers) == set(fleet.addresses)  # one scraper per pod, or the loop proves nothing
         for scraper in app.scrapers.scrapers.values():
             assert await scraper.scrape_once()
         ma = app.datastore.metrics(a.url.removeprefix("http://"))

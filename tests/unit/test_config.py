@@ -1,8 +1,9 @@
+"""Configuration (``epp/config.py``): Go-style durations and bools, the pool file and its errors."""
+
 from __future__ import annotations
 
 import pytest
 
-from epp.cli import main
 from epp.config import parse_bool, parse_duration, parse_pool_file
 from epp.domain import Criticality, FailureMode
 from epp.errors import ConfigError
@@ -79,36 +80,3 @@ def test_bad_pool_files_give_one_line_naming_the_field(text, field):
         parse_pool_file(text, "pool.yaml")
     msg = str(info.value)
     assert "\n" not in msg and field in msg and msg.startswith("pool.yaml")
-
-
-def test_cli_bad_pool_file_exits_2_with_one_line(tmp_path, capsys):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("pool: {name: p, endpoints: ['x']}\n")
-    assert main(["check-config", "--pool-file", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "pool.endpoints" in err
-    assert main(["serve", "--pool-file", str(tmp_path / "missing.yaml"), "--secure-serving=false"]) == 2
-
-
-def test_cli_parses_reference_flag_spellings(tmp_path):
-    from epp.cli import build_parser, settings_from
-
-    args = build_parser().parse_args([
-        "serve", "--pool-file", "p.yaml", "--grpc-port", "9102", "--secure-serving=false",
-        "--refresh-metrics-interval", "100ms", "--metrics-staleness-threshold", "1m", "--max-body-bytes", "1Mi",
-    ])
-    s = settings_from(args)
-    assert (s.grpc_port, s.secure_serving, s.refresh_metrics_interval) == (9102, False, 0.1)
-    assert s.metrics_staleness_threshold == 60.0 and s.max_body_bytes == 1 << 20
-    assert settings_from(build_parser().parse_args(["serve", "--pool-file", "p"])).secure_serving is True
-
-
-def test_cli_bad_scheduling_config_exits_2_naming_the_plugin(tmp_path, capsys):
-    pool = tmp_path / "pool.yaml"
-    pool.write_text("pool: {name: p, endpoints: ['127.0.0.1:1']}\n")
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("plugins: [{type: nope-scorer}]\n")
-    assert main(["serve", "--pool-file", str(pool), "--config-file", str(cfg)]) == 2
-    assert "unknown plugin type 'nope-scorer'" in capsys.readouterr().err
-    assert main(["serve", "--pool-file", str(pool), "--scheduling-profile", "fancy"]) == 2
-    assert "unknown scheduling profile 'fancy'" in capsys.readouterr().err

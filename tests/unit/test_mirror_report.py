@@ -1,3 +1,5 @@
+"""The mirror report (``epp/mirror_report.py``): a pod's /metrics, histogram quantiles, pool deltas, the table."""
+
 from __future__ import annotations
 
 import math

@@ -1,3 +1,5 @@
+"""OpenAI bodies (``epp/openai.py``): request parsing, model rewrite, usage from JSON and SSE, name restoring."""
+
 from __future__ import annotations
 
 import orjson

@@ -1,3 +1,5 @@
+"""Routing (``epp/routing.py``): subset hints, target models, body rewrite, shedding by objective."""
+
 from __future__ import annotations
 
 import math
@@ -7,11 +9,12 @@ import orjson
 import pytest
 
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, TargetModel
-from epp.errors import ModelNotFound, NoEndpoints
+from epp.errors import ModelNotFound, NoEndpoints, Shed
 from epp.routing import Router, choose_target, filter_subset, parse_subset
 from epp.scheduling import build_scheduler
 
 from support import datastore
+from support.scheduling import m, store_with
 
 EPS = [Endpoint("10.0.0.1:8000", "a"), Endpoint("10.0.0.1:8001", "b"), Endpoint("10.0.0.2:8000", "c")]
 
@@ -90,3 +93,23 @@ def test_least_inflight_prefers_idle_endpoints():
     store.load.acquire(EPS[0])
     store.load.acquire(EPS[1])
     assert router.route(req(), {"model": "m"}).primary.name == "c"
+
+
+@pytest.mark.parametrize(("objective", "shed"), [("batch", True), ("chat", False), ("unknown", False), (None, False)])
+def test_shedding_by_objective_priority(objective, shed):
+    store = store_with([m(waiting=9), m(waiting=9)])  # saturated; objective "batch" has priority -1
+    router = Router(store, build_scheduler("epp-default", store))
+    headers = {"x-gateway-inference-objective": objective} if objective else {}
+    r = req("base", headers=headers)
+    if shed:
+        with pytest.raises(Shed):
+            router.route(r, {"model": "base"})
+    else:
+        assert router.route(r, {"model": "base"}).primary in store.endpoints()
+
+
+def test_model_criticality_from_policy_sheds():
+    store = store_with([m(waiting=9)], models={"base": ModelPolicy("base", Criticality.SHEDDABLE)})
+    router = Router(store, build_scheduler("epp-default", store))
+    with pytest.raises(Shed):
+        router.route(req("base"), {"model": "base"})

@@ -1,13 +1,15 @@
-"""Builders of the ext_proc messages Envoy sends, for tests and benchmarks."""
+"""The ext_proc messages Envoy sends (builders), what epp answers (readers), and a thin client."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from google.protobuf import struct_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import json_format, struct_pb2
 
 FULL_DUPLEX = 4
 BUFFERED = 2
@@ -22,6 +24,11 @@ def _metadata(metadata: Mapping[str, Mapping[str, Any]] | None) -> Any:
     return md
 
 
+def _http_headers(headers: Mapping[str, str], end_of_stream: bool) -> Any:
+    values = [base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in headers.items()]
+    return pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream)
+
+
 def request_headers(
     headers: Mapping[str, str] | None = None,
     *,
@@ -34,13 +41,7 @@ def request_headers(
 ) -> Any:
     all_headers = {":method": method, ":path": path, ":authority": "gw", ":scheme": "http", **(headers or {})}
     msg = pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in all_headers.items()]
-            ),
-            end_of_stream=end_of_stream,
-        ),
-        metadata_context=_metadata(metadata),
+        request_headers=_http_headers(all_headers, end_of_stream), metadata_context=_metadata(metadata)
     )
     if mode is not None:
         msg.protocol_config.request_body_mode = mode
@@ -65,12 +66,7 @@ def response_headers(
 ) -> Any:
     all_headers = {":status": str(status), **(headers or {})}
     return pb.ProcessingRequest(
-        response_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in all_headers.items()]
-            ),
-            end_of_stream=end_of_stream,
-        ),
+        response_headers=_http_headers(all_headers, end_of_stream),
         metadata_context=_metadata({"envoy.lb": {"x-gateway-destination-endpoint-served": served}} if served else None),
     )
 
@@ -92,6 +88,29 @@ def set_headers(response: Any) -> dict[str, str]:
 
 
 def lb_metadata(response: Any) -> dict[str, Any]:
-    from google.protobuf import json_format
-
     return json_format.MessageToDict(response.dynamic_metadata) if response.HasField("dynamic_metadata") else {}
+
+
+class ExtProcClient:
+    """A thin ext_proc client: open a stream, send messages, read replies."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.stub = pb_grpc.ExternalProcessorStub(channel)
+
+    def open(self) -> Any:
+        return self.stub.Process()
+
+    async def send(self, call: Any, message: Any, replies: int) -> list[Any]:
+        await call.write(message)
+        return [await call.read() for _ in range(replies)]
+
+    async def run(self, messages: list[Any]) -> list[Any]:
+        """Send everything, half-close, collect all replies until the stream ends."""
+        call = self.stub.Process()
+        for m in messages:
+            await call.write(m)
+        await call.done_writing()
+        out = []
+        while (r := await call.read()) != grpc.aio.EOF:
+            out.append(r)
+        return out

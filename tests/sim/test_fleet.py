@@ -69,6 +69,6 @@ def test_on_finish_and_prefix_affinity() -> None:
     shared = "system prompt " * 200
     reqs = [TraceRequest(i * 0.05, shared + f"question {i}", 4) for i in range(6)]
     results = VirtualFleet([CFG] * 2, lambda _r, _p, _n: 0, on_finish=done.append).run(reqs)
-    assert done == results
+    assert done == results and len(results) == 6
     assert results[0].cached_tokens == 0
     assert all(r.cached_tokens >= 640 for r in results[1:])

@@ -274,7 +274,7 @@ def _docs_from(text: str) -> list[dict[str, Any]]:
 
 def test_objects_are_unique_and_share_the_gateway_namespace(built):
     keys = [(d["kind"], d["metadata"]["name"]) for d in built.docs]
-    assert len(keys) == len(set(keys))
+    assert keys and len(keys) == len(set(keys))
     for doc in built.docs:
         if doc["kind"] not in TRULY_CLUSTER_SCOPED:
             assert doc["metadata"].get("namespace") == "default", doc["kind"]
@@ -290,6 +290,7 @@ def test_deployment_selectors_match_their_pod_labels(built):
 
 
 def test_services_select_pods_and_target_their_container_ports(built):
+    assert {s["metadata"]["name"] for s in built.all("Service")} >= {EPP, SHADOW}
     for svc in built.all("Service"):
         pods = _pods(built, svc["spec"]["selector"])
         assert len(pods) == 1, svc["metadata"]["name"]

@@ -1,4 +1,5 @@
-"""Unit tests of the simulator's engine, KV cache, tokenizer and timing profiles (virtual time)."""
+"""The simulator's engine (``epp_sim/engine.py``), in virtual time: timing, prefix hits,
+chunked prefill, batching limits, preemption, LoRA, aborts and invariants under random load."""
 
 from __future__ import annotations
 
@@ -9,18 +10,12 @@ import pytest
 
 from epp_sim.domain import EngineConfig, RequestTooLarge, SimRequest, Status
 from epp_sim.engine import Engine, StepOutput
-from epp_sim.kvcache import BlockTable, KVCache
-from epp_sim.profiles import FAST, H100_8B, get_profile
-from epp_sim.tokenizer import count_tokens, generated_text, tokenize, tokenize_ids
+from epp_sim.profiles import FAST, H100_8B
+from epp_sim.tokenizer import tokenize
+
+from support.sim import text_of
 
 FAST_CFG = EngineConfig(profile=FAST, num_gpu_blocks=4096)
-
-
-def text_of(tokens: int, tag: str = "") -> str:
-    """Prompt text of exactly `tokens` tokens (4 bytes each), distinct per tag."""
-    body = (tag + "abcdefghijklmnopqrstuvwxyz0123456789" * (tokens // 8 + 2))[: tokens * 4]
-    assert count_tokens(body) == tokens
-    return body
 
 
 def make(
@@ -39,87 +34,6 @@ def drain(engine: Engine) -> list[StepOutput]:
         outs += engine.advance(t)
         t = engine.next_event_time()
     return outs
-
-
-# -- tokenizer -----------------------------------------------------------------------------------
-
-
-def test_tokenizer_is_deterministic_and_prefix_sharing() -> None:
-    a = tokenize(text_of(100) + "tail one", 16)
-    b = tokenize(text_of(100) + "another tail", 16)
-    assert a == tokenize(text_of(100) + "tail one", 16)
-    assert a.num_tokens == 102 and len(a.block_hashes) == 6
-    assert a.block_hashes[:6] == b.block_hashes[:6]
-    assert tokenize(text_of(100), 16, adapter="sql-lora").block_hashes[0] != a.block_hashes[0]
-    assert tokenize(text_of(100), 16, cache_salt="s").block_hashes[0] != a.block_hashes[0]
-
-
-@pytest.mark.parametrize(
-    ("text", "tokens", "blocks"),
-    [("", 1, 0), ("abc", 1, 0), ("abcd", 1, 0), ("abcde", 2, 0), ("x" * 64, 16, 1), ("x" * 130, 33, 2)],
-    ids=["empty", "3-bytes", "4-bytes", "5-bytes", "one-block", "two-blocks-and-a-bit"],
-)
-def test_token_counts(text: str, tokens: int, blocks: int) -> None:
-    p = tokenize(text, 16)
-    assert (p.num_tokens, len(p.block_hashes)) == (tokens, blocks)
-
-
-def test_token_ids_and_generated_text() -> None:
-    p = tokenize_ids(list(range(40)), 16)
-    assert (p.num_tokens, len(p.block_hashes)) == (40, 2)
-    assert generated_text(3, 0, 5) == generated_text(3, 0, 2) + generated_text(3, 2, 5)
-
-
-# -- profiles ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("batch", "ctx", "low_ms", "high_ms"),
-    [(1, 1024, 5.5, 6.5), (64, 1024, 9.0, 10.0), (64, 2048, 11.5, 12.5), (256, 1024, 18.5, 20.5)],
-    ids=["b1", "b64", "b64-ctx2048", "b256"],
-)
-def test_h100_decode_calibration(batch: int, ctx: int, low_ms: float, high_ms: float) -> None:
-    t = H100_8B.step_time(batch, batch * ctx, batch * (ctx - 0.5)) * 1e3
-    assert low_ms <= t <= high_ms
-
-
-@pytest.mark.parametrize("tokens", [512, 2048, 8192])
-def test_h100_prefill_throughput(tokens: int) -> None:
-    rate = tokens / H100_8B.step_time(tokens, tokens, tokens * tokens / 2)
-    assert 33_000 <= rate <= 40_000
-
-
-def test_unknown_profile() -> None:
-    with pytest.raises(KeyError, match="h100-8b"):
-        get_profile("tpu")
-
-
-# -- KV cache ------------------------------------------------------------------------------------
-
-
-def test_kv_cache_reuse_eviction_and_usage() -> None:
-    kv = KVCache(num_gpu_blocks=5, block_size=16)  # 4 usable
-    hashes = [11, 12, 13]
-    t1 = BlockTable()
-    assert kv.admit(t1, [], 48)
-    kv.commit(t1, hashes, 48)
-    assert kv.used == 3 and kv.num_cached == 3
-    kv.free(t1)
-    assert kv.usage == 0.0 and kv.num_cached == 3  # cached blocks are free but reusable
-    assert kv.match(hashes, 3) == 3
-    t2 = BlockTable()
-    assert kv.admit(t2, [11, 12], 40)  # reuse two, allocate one
-    assert kv.used == 3 and t2.num_blocks == 3
-    t3 = BlockTable()
-    assert not kv.admit(t3, [], 32)  # needs 2, only 1 free
-    assert kv.admit(t3, [], 16)  # takes the free block, evicting cached 13
-    assert kv.match(hashes, 3) == 2
-    kv.free(t2)
-    kv.free(t3)
-    assert kv.used == 0
-
-
-# -- engine --------------------------------------------------------------------------------------
 
 
 def test_single_request_timing() -> None:

@@ -1,13 +1,26 @@
 """Plain HTTP model-server stand-ins for gateway tests: record what arrives, answer
-OpenAI-shaped JSON or SSE, optionally hold the response until the test releases it."""
+OpenAI-shaped JSON or SSE, optionally hold the response until the test releases it.
+
+``serve_app`` starts any aiohttp application on a free port of 127.0.0.1 (port 0,
+reported back); ``wait_for_arrivals`` waits, with a deadline, until stand-ins have
+seen a number of requests between them."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Run ``app`` on 127.0.0.1 port 0; the runner (to ``cleanup()``) and the port it got."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
 
 
 @dataclass
@@ -36,11 +49,7 @@ class Upstream:
     async def start(self) -> Upstream:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_app(app)
         return self
 
     async def aclose(self) -> None:
@@ -81,3 +90,18 @@ class Upstream:
              "choices": [{"index": 0, "text": f"Hello from {self.name}"}], "usage": usage},
             headers=headers,
         )
+
+
+async def wait_for_arrivals(upstreams: Sequence[Upstream], n: int, timeout: float = 10.0) -> None:
+    """Until the stand-ins have seen ``n`` requests between them (each ``arrived`` event is
+    cleared and re-awaited on the way); ``TimeoutError`` after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while sum(len(u.seen) for u in upstreams) < n:
+            for u in upstreams:
+                u.arrived.clear()
+            waits = [asyncio.ensure_future(u.arrived.wait()) for u in upstreams]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()

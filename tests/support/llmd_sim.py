@@ -235,7 +235,7 @@ class LlmdSim:
             return await proc.wait()
 
 
-if __name__ == "__main__":  # `python tests/llmd_sim.py`: install (or find) the cached binary, print its path
+if __name__ == "__main__":  # `python tests/support/llmd_sim.py`: install (or find) the binary, print its path
     try:
         print(ensure_binary())
     except GoMissing as exc:  # the compatibility test will skip with the same message

@@ -1,11 +1,8 @@
 """A full-size vLLM 0.33-style /metrics page, produced by prometheus_client itself.
 
-Copied from the test suite's page generator (tests/vllm_page.py when copied) so the
-benchmarks never import from tests/; the two may drift, the benchmark only needs a
-realistic page of this shape.
-
-Families, labels and bucket boundaries follow the vLLM 0.33 metric list in
-shared/reference/model-servers.md; values are arbitrary but fixed.  About 40 KB for one
+A fixed reference page for parser tests and scrape benchmarks (the simulator's own pages
+come from ``epp_sim.metrics``).  Families, labels and bucket boundaries follow vLLM
+0.33's metric list; values are arbitrary but fixed.  About 40 KB for one
 engine, like a real page with its histograms.
 """
 
