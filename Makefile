@@ -36,6 +36,8 @@ test: $(STAMP)
 	$(BIN)/mypy --strict src
 	@# llm-d-inference-sim for the compatibility test: built with Go once, then cached
 	$(BIN)/python tests/support/llmd_sim.py
+	@# kube-apiserver (built with Go once, cached) and etcd (Debian) for tests/kubernetes
+	$(BIN)/python tests/kubernetes/kube_tools.py
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

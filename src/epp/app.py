@@ -5,7 +5,9 @@ module-level singleton, so tests can run several Apps in one process.  Every
 background loop runs under one :class:`~epp.supervisor.Supervisor`.
 
 Health: ``liveness`` is SERVING while the process runs; ``readiness`` (and the other
-names Envoy or Kubernetes may ask for) is SERVING only while discovery knows the pool.
+names Envoy or Kubernetes may ask for) is SERVING only while discovery knows the pool
+and, with leader election on, while this replica holds the pool's Lease.  Every
+replica watches and scrapes either way (a warm standby).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import random
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -25,6 +28,7 @@ from epp.datalayer.scraper import ScrapeLoops
 from epp.discovery import PoolSource
 from epp.discovery.static import StaticPoolSource
 from epp.domain import Endpoint
+from epp.errors import ConfigError
 from epp.extproc.server import ExtProcServer, ExtProcServicer
 from epp.extproc.stream import ExtProcStream
 from epp.extproc.tls import load_cert_dir, self_signed
@@ -49,9 +53,15 @@ class App:
         self.metrics = EppMetrics(registry)
         self.supervisor = Supervisor(on_failure=self._task_failed)
         self.datastore = Datastore(staleness=settings.metrics_staleness_threshold)
-        self.discovery: PoolSource = StaticPoolSource(
-            settings.pool_file, self.datastore, interval=settings.pool_file_poll_interval
-        )
+        self.discovery: PoolSource | None = None  # Kubernetes discovery needs an API client: made in start()
+        if settings.pool_file:
+            self.discovery = StaticPoolSource(
+                settings.pool_file, self.datastore, interval=settings.pool_file_poll_interval
+            )
+        elif not settings.pool_name:
+            raise ConfigError("epp serve needs --pool-file or --pool-name")
+        self.elector: Any = None  # epp.discovery.leader.LeaderElector with --ha-enable-leader-election
+        self._kube_api: Any = None
         profile: str | EndpointPickerConfig = settings.scheduling_profile
         if settings.config_file:
             profile = load_config_file(settings.config_file)
@@ -108,7 +118,8 @@ class App:
     @property
     def serving(self) -> bool:
         """What readiness reports."""
-        return self.datastore.ready and not self._closed
+        leading = self.elector is None or self.elector.is_leader
+        return self.datastore.ready and leading and not self._closed
 
     def new_stream(self) -> ExtProcStream:
         return ExtProcStream(self.router, self.datastore, self.metrics, max_body_bytes=self.settings.max_body_bytes)
@@ -142,7 +153,41 @@ class App:
             self._health_dirty.clear()
             await self.server.set_serving(self.serving)
 
+    async def _start_kubernetes(self) -> PoolSource:
+        """The API client, the pool's source and (with HA) its leader elector."""
+        from kubernetes_asyncio.config import ConfigException
+
+        from epp.discovery._kube import new_api_client
+        from epp.discovery.kubernetes import KubernetesPoolSource
+        from epp.discovery.leader import LeaderElector, lease_name
+
+        s = self.settings
+        try:
+            self._kube_api = await new_api_client(s.kubeconfig)
+        except (ConfigException, OSError) as exc:
+            where = f"kubeconfig {s.kubeconfig}" if s.kubeconfig else "in-cluster config"
+            raise ConfigError(f"cannot reach Kubernetes ({where}): {exc}") from None
+        if s.ha_enable_leader_election:
+            self.elector = LeaderElector(
+                self._kube_api,
+                namespace=s.pool_namespace,
+                name=lease_name(s.pool_name, s.pool_namespace),
+                lease_duration=s.lease_duration,
+                renew_deadline=s.lease_renew_deadline,
+                retry_period=s.lease_retry_period,
+                on_change=lambda leader: self._health_dirty.set(),
+            )
+        return KubernetesPoolSource(
+            self.datastore,
+            pool_name=s.pool_name,
+            namespace=s.pool_namespace,
+            group=s.pool_group,
+            api_client=self._kube_api,
+        )
+
     async def start(self) -> None:
+        if self.discovery is None:
+            self.discovery = await self._start_kubernetes()
         await self.discovery.sync()  # a bad pool file raises ConfigError here (exit code 2), before any bind
         self._server = ExtProcServer(
             self.servicer,
@@ -165,6 +210,8 @@ class App:
         await self.server.set_serving(self.serving)
         self.supervisor.spawn("health", self._follow_health)
         self.supervisor.spawn("discovery", self.discovery.run)
+        if self.elector is not None:
+            self.supervisor.spawn("leader-election", self.elector.run)
         if self.settings.refresh_metrics_interval > 0:  # 0 turns scraping off (non-vLLM backends, benchmarks)
             self.scrapers.start()
         pool = self.datastore.pool
@@ -183,6 +230,7 @@ class App:
         pool = self.datastore.pool
         return {
             "event": "ready",
+            "discovery": "file" if self.settings.pool_file else "kubernetes",
             "grpc_port": self.grpc_port,
             "health_port": self.health_port,
             "metrics_port": self.metrics_port,
@@ -199,7 +247,9 @@ class App:
         if self._server is not None:
             await self._server.drain(self.settings.drain_timeout if timeout is None else timeout)
         self.scrapers.close()
-        await self.supervisor.aclose()
+        await self.supervisor.aclose()  # a held Lease is released here (the elector's run is cancelled)
+        if self._kube_api is not None:
+            await self._kube_api.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 

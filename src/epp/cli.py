@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from epp.config import Settings, load_pool_file, parse_bool, parse_duration
@@ -43,7 +44,31 @@ def _size(text: str) -> int:
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the endpoint picker (ext_proc gRPC server)")
-    p.add_argument("--pool-file", required=True, help="static pool YAML (re-read when it changes)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--pool-file", help="static pool YAML (re-read when it changes): no Kubernetes")
+    where.add_argument("--pool-name", help="the InferencePool to follow through the Kubernetes API server")
+    p.add_argument("--pool-namespace", default=None, help="the pool's namespace (default $NAMESPACE, else default)")
+    p.add_argument(
+        "--pool-group",
+        default="inference.networking.k8s.io",
+        choices=["inference.networking.k8s.io", "inference.networking.x-k8s.io"],
+        help="the InferencePool API group: v1 (inference.networking.k8s.io) or v1alpha2 (…x-k8s.io)",
+    )
+    p.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig outside a cluster (default $KUBECONFIG, else in-cluster)"
+    )
+    p.add_argument(
+        "--ha-enable-leader-election",
+        type=_arg(parse_bool),
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="true|false",
+        help="one coordination.k8s.io Lease per pool: only the leader reports readiness SERVING",
+    )
+    p.add_argument("--lease-duration", type=_arg(parse_duration), default=15.0, metavar="DURATION")
+    p.add_argument("--lease-renew-deadline", type=_arg(parse_duration), default=10.0, metavar="DURATION")
+    p.add_argument("--lease-retry-period", type=_arg(parse_duration), default=2.0, metavar="DURATION")
     p.add_argument("--grpc-port", type=int, default=9002)
     p.add_argument("--grpc-health-port", type=int, default=9003)
     p.add_argument("--metrics-port", type=int, default=9090)
@@ -117,9 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ  # the one place epp reads its environment
+    if args.ha_enable_leader_election and args.pool_file:
+        raise ConfigError("--ha-enable-leader-election needs Kubernetes discovery (--pool-name)")
+    if not 0 < args.lease_retry_period < args.lease_renew_deadline < args.lease_duration:
+        raise ConfigError("leader election needs 0 < --lease-retry-period < --lease-renew-deadline < --lease-duration")
     return Settings(
         pool_file=args.pool_file,
+        pool_name=args.pool_name or "",
+        pool_namespace=args.pool_namespace or env.get("NAMESPACE") or "default",
+        pool_group=args.pool_group,
+        kubeconfig=args.kubeconfig or env.get("KUBECONFIG") or None,
+        ha_enable_leader_election=args.ha_enable_leader_election,
+        lease_duration=args.lease_duration,
+        lease_renew_deadline=args.lease_renew_deadline,
+        lease_retry_period=args.lease_retry_period,
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
         metrics_port=args.metrics_port,

@@ -206,9 +206,20 @@ def load_pool_file(path: str | Path) -> PoolFile:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The whole configuration of ``epp serve``; built once in ``cli.py``."""
+    """The whole configuration of ``epp serve``; built once in ``cli.py``.
 
-    pool_file: str
+    Discovery is the pool file when ``pool_file`` is set, else Kubernetes (``pool_name``).
+    """
+
+    pool_file: str | None = None
+    pool_name: str = ""
+    pool_namespace: str = "default"
+    pool_group: str = "inference.networking.k8s.io"
+    kubeconfig: str | None = None  # None: in-cluster config
+    ha_enable_leader_election: bool = False
+    lease_duration: float = 15.0
+    lease_renew_deadline: float = 10.0
+    lease_retry_period: float = 2.0
     grpc_port: int = 9002
     grpc_health_port: int = 9003
     metrics_port: int = 9090

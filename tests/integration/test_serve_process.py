@@ -31,7 +31,8 @@ async def test_ready_line_is_the_one_stdout_line_and_every_port_it_names_answers
     try:
         ready = served.ready
         assert set(ready) == READY_KEYS
-        assert (ready["event"], ready["pool"], ready["endpoints"], ready["tls"]) == ("ready", "test-pool", 2, False)
+        assert (ready["event"], ready["discovery"], ready["pool"], ready["endpoints"], ready["tls"]) == (
+            "ready", "file", "test-pool", 2, False)
         ports = [ready["grpc_port"], ready["health_port"], ready["metrics_port"]]
         assert all(isinstance(p, int) and p > 0 for p in ports) and len(set(ports)) == 3
         # every port is bound and serving the moment the line appears: no retry, no wait

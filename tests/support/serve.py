@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 EPP = [sys.executable, "-m", "epp"]
-READY_KEYS = frozenset({"event", "grpc_port", "health_port", "metrics_port", "pool", "endpoints", "tls"})
+READY_KEYS = frozenset({"event", "discovery", "grpc_port", "health_port", "metrics_port", "pool", "endpoints", "tls"})
 
 
 @dataclass
