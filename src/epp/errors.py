@@ -7,11 +7,14 @@
         ├── ModelNotFound     404   model not served by this pool
         ├── PayloadTooLarge   413   body over ``--max-body-bytes``
         ├── Shed              429   pool saturated and the request may be dropped
+        ├── PathNotAllowed    403   a model server's admin path, not routed through the gateway
         └── NoEndpoints       503   no ready endpoint (or none matches the subset hint)
 
 Each ``Rejected`` subclass carries its HTTP status and a low-cardinality ``reason``
 that doubles as the ``error_code`` metric label.  The wire conversion lives in exactly
-one place: :func:`epp.extproc.responses.immediate_response`.
+one place: :func:`epp.extproc.responses.immediate_response`.  Messages may quote
+client input: :func:`clip` bounds every quoted value, and a message as a whole is cut at
+``MAX_MESSAGE`` characters, so a megabyte model name never comes back whole.
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ class ConfigError(EppError):
     """A flag, pool file or profile file is invalid."""
 
 
+MAX_MESSAGE = 512
+MAX_QUOTED = 128
+
+
+def clip(value: object, limit: int = MAX_QUOTED) -> str:
+    """``repr(value)`` of at most ``limit`` characters, saying how much was left out."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…(+{len(text) - limit} chars)"
+
+
 class Rejected(EppError):
     """A request epp answers itself instead of routing it."""
 
@@ -33,6 +48,8 @@ class Rejected(EppError):
     error_type: str = "server_error"
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE]}…(+{len(message) - MAX_MESSAGE} chars)"
         super().__init__(message)
         self.message = message
 
@@ -47,6 +64,12 @@ class ModelNotFound(Rejected):
     http_status = 404
     reason = "NotFound"
     error_type = "model_not_found"
+
+
+class PathNotAllowed(Rejected):
+    http_status = 403
+    reason = "Forbidden"
+    error_type = "permission_denied"
 
 
 class PayloadTooLarge(Rejected):

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from epp.domain import InferenceRequest, estimate_tokens
+from epp.domain import CHARS_PER_TOKEN, InferenceRequest, estimate_tokens
 from epp.errors import BadRequest
 
 COMPLETIONS = "/v1/completions"
@@ -49,11 +49,38 @@ def _prompt_text(path: str, doc: dict[str, Any]) -> str:
     prompt = doc.get("prompt")
     if path.startswith(COMPLETIONS) and prompt is None:
         raise BadRequest("'prompt' is required")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):
-        return "".join(p if isinstance(p, str) else " ".join(map(str, p)) for p in prompt)
-    return ""
+    if prompt is None or isinstance(prompt, str):
+        return prompt or ""
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):  # a batch of strings
+            return "".join(prompt)
+        if all(_is_token_id(t) for t in prompt):  # one tokenized prompt
+            return token_text(prompt)
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):  # a batch of them
+            return "".join(token_text(p) for p in prompt)
+    raise BadRequest("'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists")
+
+
+_TOKEN_DIGITS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+/"
+_TOKEN_ID_LIMIT = len(_TOKEN_DIGITS) ** CHARS_PER_TOKEN  # 16.7M: larger than any vocabulary
+
+
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int and 0 <= value < _TOKEN_ID_LIMIT
+
+
+def token_text(ids: list[int]) -> str:
+    """Token ids as text for prefix hashing: each id is ``CHARS_PER_TOKEN`` characters.
+
+    So a token-id prompt's estimated token count is exact, and its blocks of ``n`` tokens
+    are the text's blocks of ``n x CHARS_PER_TOKEN`` characters: prefix affinity works on
+    token ids as it does on text (two prompts sharing leading ids share leading blocks).
+    """
+    digits = _TOKEN_DIGITS
+    out = []
+    for t in ids:
+        out.append(digits[t >> 18 & 63] + digits[t >> 12 & 63] + digits[t >> 6 & 63] + digits[t & 63])
+    return "".join(out)
 
 
 def parse_inference_request(

@@ -16,10 +16,45 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicies, Pick, TargetModel
-from epp.errors import ModelNotFound, NoEndpoints
+from epp.errors import ModelNotFound, NoEndpoints, PathNotAllowed, clip
 from epp.openai import rewrite_model
 from epp.scheduling import Scheduler
 from epp.wire import MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
+
+# Model-server admin paths (vLLM, SGLang): never routed through the gateway by default,
+# so a client cannot load adapters, flush caches or read a pod's metrics through it.
+ADMIN_PATHS: tuple[str, ...] = (
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/metrics",
+    "/reset_prefix_cache",
+    "/reset_mm_cache",
+    "/sleep",
+    "/wake_up",
+    "/is_sleeping",
+    "/collective_rpc",
+    "/start_profile",
+    "/stop_profile",
+    "/scale_elastic_ep",
+    "/server_info",
+    "/flush_cache",
+    "/update_weights_from_disk",
+    "/update_weights_from_tensor",
+    "/update_weights_from_distributed",
+    "/init_weights_update_group",
+    "/release_memory_occupation",
+    "/resume_memory_occupation",
+    "/configure_logging",
+    "/abort_request",
+    "/load_lora_adapter",
+    "/unload_lora_adapter",
+)
+
+
+def path_blocked(path: str, blocked: Sequence[str]) -> bool:
+    """Whether ``path`` (query ignored) is one of ``blocked`` or below one."""
+    bare = path.split("?", 1)[0].rstrip("/") or "/"
+    return any(bare == p or bare.startswith(p + "/") for p in blocked)
 
 
 class MirrorLoad(Protocol):
@@ -95,8 +130,12 @@ class Router:
         mirror_scheduler: Scheduler | None = None,
         rng: random.Random | None = None,
         observe_schedule: Callable[[float], None] | None = None,
+        blocked_paths: Sequence[str] = ADMIN_PATHS,
+        trust_model_rewrite_header: bool = False,
     ) -> None:
         self._pool = pool
+        self._blocked = tuple(blocked_paths)
+        self._trust_rewrite = trust_model_rewrite_header
         self._scheduler = scheduler
         self._mirror_scheduler = mirror_scheduler
         self._rng = rng or random.Random()
@@ -109,7 +148,7 @@ class Router:
         if policies.models is not None:
             policy = policies.models.get(request.model)
             if policy is None:
-                raise ModelNotFound(f"model {request.model!r} is not served by this pool")
+                raise ModelNotFound(f"model {clip(request.model)} is not served by this pool")
             target = choose_target(policy.targets, self._rng) or request.model
             criticality = policy.criticality
         objective = request.headers.get(OBJECTIVE_HEADER)
@@ -117,13 +156,17 @@ class Router:
             priority = policies.objectives.get(objective)
             if priority is not None:
                 criticality = Criticality.from_priority(priority)
-        target = request.headers.get(MODEL_REWRITE_HEADER) or target
+        if self._trust_rewrite:  # a client's own copy is ignored unless the operator trusts the header
+            target = request.headers.get(MODEL_REWRITE_HEADER) or target
         if target == request.target_model and criticality is request.criticality:
             return request
         return dataclasses.replace(request, target_model=target, criticality=criticality)
 
     def route(self, request: InferenceRequest, doc: dict[str, Any] | None = None) -> Pick:
         """Pick endpoints for a parsed request; rewrite the body if the target model differs."""
+        path = request.headers.get(":path", "")
+        if self._blocked and path_blocked(path, self._blocked):
+            raise PathNotAllowed(f"path {clip(path.split('?', 1)[0])} is a model server's admin path, not routed")
         if doc is not None:
             request = self.resolve_model(request)
         pool = self._pool.endpoints()

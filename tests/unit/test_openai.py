@@ -102,3 +102,31 @@ def test_restorer_handles_matches_split_across_chunks(step):
     chunks = [data[i : i + step] for i in range(0, len(data), step)]
     out = b"".join(r.feed(c, i == len(chunks) - 1) for i, c in enumerate(chunks))
     assert out == data.replace(b'"target-x"', b'"client"')
+
+
+@pytest.mark.parametrize(
+    ("prompt", "tokens"),
+    [([1, 2, 3], 3), ([[1, 2], [3, 4, 5]], 5), ([151_000, 0], 2), (["ab", "cd"], 1)],
+    ids=["token-ids", "token-id-batch", "large-vocabulary", "string-batch"],
+)
+def test_token_id_and_batch_prompts_are_routed(prompt, tokens):
+    r = parse({"model": "m", "prompt": prompt})
+    assert r.prompt_tokens == tokens
+
+
+def test_token_id_prompts_share_prefix_blocks_exactly_when_their_ids_do():
+    from epp.scheduling.prefix import block_hashes
+
+    a = parse({"model": "m", "prompt": list(range(64)) + [7] * 16}).prompt
+    b = parse({"model": "m", "prompt": list(range(64)) + [9] * 16}).prompt
+    ha, hb = block_hashes(a, "m", block_tokens=16), block_hashes(b, "m", block_tokens=16)
+    assert len(ha) == len(hb) == 5 and ha[:4] == hb[:4] and ha[4] != hb[4]
+
+
+@pytest.mark.parametrize(
+    "prompt", [[None], [True], [], [1, "a"], [[1], "a"], [[]], [-1], [1 << 40], 5, {"a": 1}],
+    ids=["null", "bool", "empty", "mixed", "mixed-batch", "empty-inner", "negative", "huge-id", "number", "object"],
+)
+def test_malformed_prompts_are_400(prompt):
+    with pytest.raises(BadRequest, match="'prompt' must be"):
+        parse({"model": "m", "prompt": prompt})

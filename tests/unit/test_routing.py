@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, TargetModel
-from epp.errors import ModelNotFound, NoEndpoints, Shed
+from epp.errors import ModelNotFound, NoEndpoints, PathNotAllowed, Shed
 from epp.routing import Router, choose_target, filter_subset, parse_subset
 from epp.scheduling import build_scheduler
 
@@ -56,9 +56,10 @@ def test_zero_weights_are_uniform_and_no_targets_is_none():
     assert picks == {"x", "y"} and choose_target((), rng) is None
 
 
-def make_router(policies=None, endpoints=EPS):
+def make_router(policies=None, endpoints=EPS, **kw):
     store = datastore(endpoints, models=policies)
-    return Router(store, build_scheduler("least-inflight", store, rng=random.Random(3), max_endpoints=2)), store
+    sched = build_scheduler("least-inflight", store, rng=random.Random(3), max_endpoints=2)
+    return Router(store, sched, **kw), store
 
 
 def test_model_policy_rewrites_body_and_sets_criticality():
@@ -76,10 +77,49 @@ def test_unknown_model_404_only_when_models_are_declared():
     assert open_router.route(req("other"), {"model": "other"}).body is None
 
 
-def test_rewrite_header_wins():
-    router, _ = make_router(None)
-    pick = router.route(req(headers={"x-gateway-model-name-rewrite": "lora-x"}), {"model": "m"})
+def test_a_clients_rewrite_header_is_ignored_unless_the_operator_trusts_it():
+    headers = {"x-gateway-model-name-rewrite": "evil-model"}
+    router, _ = make_router({"m": ModelPolicy("m")})
+    pick = router.route(req(headers=headers), {"model": "m"})
+    assert pick.target_model == "m" and pick.body is None  # the allowlist holds
+    trusting, _ = make_router(None, trust_model_rewrite_header=True)
+    pick = trusting.route(req(headers={"x-gateway-model-name-rewrite": "lora-x"}), {"model": "m"})
     assert pick.target_model == "lora-x" and orjson.loads(pick.body or b"")["model"] == "lora-x"
+
+
+@pytest.mark.parametrize(
+    ("path", "blocked"),
+    [
+        ("/v1/load_lora_adapter", True),
+        ("/v1/unload_lora_adapter?x=1", True),
+        ("/metrics", True),
+        ("/metrics/", True),
+        ("/sleep", True),
+        ("/v1/completions", False),
+        ("/v1/chat/completions", False),
+        ("/v1/models", False),
+        ("/metricsfoo", False),
+    ],
+)
+def test_admin_paths_are_not_routed(path, blocked):
+    router, store = make_router(None)
+    request = req(headers={":path": path})
+    if blocked:
+        with pytest.raises(PathNotAllowed) as err:
+            router.route(request, {"model": "m"})
+        assert err.value.http_status == 403 and store.load.total_inflight() == 0
+    else:
+        assert router.route(request, {"model": "m"}).primary in EPS
+    open_router, _ = make_router(None, blocked_paths=())
+    assert open_router.route(request, {"model": "m"}).primary in EPS  # an operator may route them
+
+
+def test_an_unknown_models_name_is_clipped_in_the_error():
+    router, _ = make_router({"m": ModelPolicy("m")})
+    huge = "x" * 1_000_000
+    with pytest.raises(ModelNotFound) as err:
+        router.route(req(huge), {"model": huge})
+    assert len(err.value.message) < 300 and "chars)" in err.value.message
 
 
 def test_no_endpoints():

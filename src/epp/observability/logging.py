@@ -1,4 +1,9 @@
-"""Logging setup: request id on every record (via a ContextVar), text or JSON lines."""
+"""Logging setup: request id on every record (via a ContextVar), text or JSON lines.
+
+Log records may carry client input (model names, request ids): the filter cuts the
+request id and every string argument to a bounded length, so one request can never
+write a megabyte log line.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,19 @@ import orjson
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
+MAX_FIELD = 256
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_FIELD else f"{text[:MAX_FIELD]}…(+{len(text) - MAX_FIELD} chars)"
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
+        record.request_id = _clip(request_id_var.get())
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and len(a) > MAX_FIELD for a in args):
+            record.args = tuple(_clip(a) if isinstance(a, str) else a for a in args)
         return True
 
 
