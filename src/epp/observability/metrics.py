@@ -2,12 +2,15 @@
 
 Names and labels follow the Go reference EPP (``inference_model_*`` family of v1.0,
 ``inference_pool_*``, ``inference_extension_*``), so existing dashboards work.
-Labels carry bounded values only (model names, error codes, pool and pod names).
+Labels carry bounded values only (model names, error codes, pool and pod names).  Model
+names come from clients, so :class:`ModelLabels` bounds them: with a model allowlist only
+its names (and their target models) are label values; without one, the first
+``spare`` distinct names are, and every later one is counted as ``other``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,16 +70,55 @@ class ModelSeries:
     running: Any
 
 
+OTHER = "other"
+KnownModels = Callable[[], Collection[str] | None]  # None: no allowlist, any name is legitimate
+
+
+class ModelLabels:
+    """Maps a client-supplied model name to a bounded label value."""
+
+    def __init__(self, known: KnownModels | None = None, *, spare: int = 32) -> None:
+        self._known = known
+        self._spare = spare
+        self._seen: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        known = self._known() if self._known is not None else None
+        if known is not None:
+            return name if name in known or not name else OTHER
+        if name in self._seen or not name:
+            return name
+        if len(self._seen) < self._spare:
+            self._seen.add(name)
+            return name
+        return OTHER
+
+
+class _ModelLabelled:
+    """A metric whose first two labels are model names: ``labels()`` bounds them."""
+
+    def __init__(self, metric: Any, bound: ModelLabels) -> None:
+        self._metric = metric
+        self._bound = bound
+
+    def labels(self, model: str, target: str, *rest: str) -> Any:
+        return self._metric.labels(self._bound(model), self._bound(target), *rest)
+
+
 class EppMetrics:
     """The metric objects; construct one per process (or per test) with its registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, known_models: KnownModels | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self.model_label = ModelLabels(known_models)
         model = ["model_name", "target_model_name"]
         self.request_total = Counter("inference_model_request", "Requests routed per model.", model, registry=r)
-        self.request_error_total = Counter(
-            "inference_model_request_error", "Requests that ended in an error.", [*model, "error_code"], registry=r
+        self.request_error_total = _ModelLabelled(
+            Counter(
+                "inference_model_request_error", "Requests that ended in an error.", [*model, "error_code"], registry=r
+            ),
+            self.model_label,
         )
         self.request_duration = Histogram(
             "inference_model_request_duration_seconds",
@@ -146,10 +188,11 @@ class EppMetrics:
 
     def series(self, model: str, target: str) -> ModelSeries:
         """Children for one model pair; cached because ``labels()`` costs a lock and a dict walk."""
+        model, target = self.model_label(model), self.model_label(target)
         key = (model, target)
         found = self._series.get(key)
         if found is None:
-            if len(self._series) >= 4096:  # clients may send arbitrary names: keep the cache bounded
+            if len(self._series) >= 4096:  # bounded labels make this rare: keep the cache bounded anyway
                 self._series.clear()
             found = self._series[key] = ModelSeries(
                 requests=self.request_total.labels(model, target),
