@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicies, Pick, TargetModel
@@ -69,7 +69,12 @@ class PoolView(Protocol):
     @property
     def load(self) -> MirrorLoad: ...
     def endpoints(self) -> tuple[Endpoint, ...]: ...
+    def routable(self) -> tuple[Endpoint, ...]: ...
     def mirror_endpoints(self) -> tuple[Endpoint, ...]: ...
+    @property
+    def serving_version(self) -> int: ...
+    def servers_of(self, model: str) -> Collection[str]: ...
+    def served_models(self, address: str) -> Collection[str] | None: ...
 
 
 def parse_subset(value: Any) -> tuple[str, ...] | None:
@@ -136,6 +141,7 @@ class Router:
         self._pool = pool
         self._blocked = tuple(blocked_paths)
         self._trust_rewrite = trust_model_rewrite_header
+        self._serving_cache: dict[str, tuple[Sequence[Endpoint], int, Sequence[Endpoint]]] = {}
         self._scheduler = scheduler
         self._mirror_scheduler = mirror_scheduler
         self._rng = rng or random.Random()
@@ -169,12 +175,15 @@ class Router:
             raise PathNotAllowed(f"path {clip(path.split('?', 1)[0])} is a model server's admin path, not routed")
         if doc is not None:
             request = self.resolve_model(request)
-        pool = self._pool.endpoints()
+        pool = self._pool.routable()
         candidates = filter_subset(pool, request.subset)
+        if not candidates and request.subset is not None:  # the hint names only unreachable endpoints: obey it
+            candidates = filter_subset(self._pool.endpoints(), request.subset)
         if not candidates:
             if request.subset is not None:
                 raise NoEndpoints("no ready endpoint matches the destination subset hint")
             raise NoEndpoints("no ready endpoint in the pool")
+        candidates = self.serving(request.target_model, candidates)
         start = time.perf_counter()
         self._scheduler.admit(request, pool)
         ranked = self._scheduler.schedule(request, candidates)
@@ -186,6 +195,26 @@ class Router:
         return Pick(
             endpoints=tuple(ranked), target_model=request.target_model, body=body, mirror=self.pick_mirror(request)
         )
+
+    def serving(self, model: str, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
+        """The candidates that can serve ``model``, when epp knows: an endpoint whose ``/v1/models``
+        lists it (or that runs it as an adapter), or one that has not said what it serves.
+        Unchanged when no candidate is known to serve it (it may load adapters on demand).
+        """
+        servers = self._pool.servers_of(model)
+        if not servers:
+            return candidates
+        version = self._pool.serving_version
+        cached = self._serving_cache.get(model)
+        if cached is not None and cached[0] is candidates and cached[1] == version:
+            return cached[2]
+        served = self._pool.served_models
+        narrowed = [e for e in candidates if e.address in servers or served(e.address) is None]
+        result: Sequence[Endpoint] = candidates if len(narrowed) in (0, len(candidates)) else narrowed
+        if len(self._serving_cache) > 1024:  # model names come from clients
+            self._serving_cache.clear()
+        self._serving_cache[model] = (candidates, version, result)
+        return result
 
     def pick_mirror(self, request: InferenceRequest) -> Endpoint | None:
         """The shadow pool's pick (load-aware mirroring), or None without a mirror pool.

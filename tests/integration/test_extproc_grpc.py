@@ -42,7 +42,8 @@ async def finish(app, call) -> None:
 
 @pytest.fixture
 async def app(write_pool, start_app):
-    return await start_app(write_pool([A, {"address": B, "name": "pod-b"}], models=MODELS))
+    # nothing listens at A and B: with scraping off, epp has no reason to think them down
+    return await start_app(write_pool([A, {"address": B, "name": "pod-b"}], models=MODELS), refresh_metrics_interval=0)
 
 
 @pytest.fixture
@@ -310,6 +311,17 @@ async def test_pool_file_change_adds_and_removes_endpoints(write_pool, start_app
     assert [e.address for e in app.datastore.endpoints()] == [B]
     replies = await client_for(app).run([request_headers(method="GET", end_of_stream=True)])
     assert set_headers(replies[0])["x-gateway-destination-endpoint"] == B
+
+
+async def test_a_pool_file_emptied_by_mistake_is_ignored(write_pool, start_app, client_for, caplog):
+    path = write_pool([A])
+    app = await start_app(path)
+    write_pool([])  # a typo while editing: no endpoint left
+    assert not await app.discovery.check_once()
+    assert [e.address for e in app.datastore.endpoints()] == [A]
+    assert "would empty the running pool" in caplog.text
+    replies = await client_for(app).run([request_headers(method="GET", end_of_stream=True)])
+    assert set_headers(replies[0])["x-gateway-destination-endpoint"] == A
 
 
 async def test_metrics_endpoint_exports_the_reference_names(app, client):

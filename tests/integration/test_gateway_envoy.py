@@ -9,6 +9,7 @@ feedback when Envoy falls back to another host.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -179,10 +180,10 @@ async def test_bad_inputs_get_their_status_and_json_body_through_envoy(gateway, 
         err = orjson.loads(body)["error"]
         assert err["code"] == expected and err["message"]
     assert all(not u.seen for u in gw.upstreams)
-    # empty the pool while serving: no ready endpoint → 503
-    gw.app.discovery.changed.clear()
-    write_yaml(Path(gw.app.settings.pool_file), pool_doc([]))
-    await asyncio.wait_for(gw.app.discovery.changed.wait(), 10)
+    # no ready endpoint left (as when every pod of a Kubernetes pool turns NotReady) → 503
+    pool = gw.app.datastore.pool
+    assert pool is not None
+    gw.app.datastore.set_pool(dataclasses.replace(pool, endpoints=()))
     status, _, body = await gw.post(COMPLETION)
     assert status == 503 and orjson.loads(body)["error"]["code"] == 503
     await gw.app.servicer.wait_idle()

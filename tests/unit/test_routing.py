@@ -153,3 +153,15 @@ def test_model_criticality_from_policy_sheds():
     router = Router(store, build_scheduler("epp-default", store))
     with pytest.raises(Shed):
         router.route(req("base"), {"model": "base"})
+
+
+def test_a_model_goes_only_where_it_is_served_or_unknown():
+    router, store = make_router(None)
+    a, b, c = EPS
+    store.set_served_models(a.address, frozenset({"m", "sql-lora"}))
+    store.set_served_models(b.address, frozenset({"m"}))
+    assert {router.route(req("sql-lora"), {"model": "sql-lora"}).primary for _ in range(30)} == {a, c}  # c: unknown
+    store.set_served_models(c.address, frozenset({"m"}))
+    assert {router.route(req("sql-lora"), {"model": "sql-lora"}).primary for _ in range(30)} == {a}
+    assert len({router.route(req("m"), {"model": "m"}).primary for _ in range(30)}) == 3
+    assert {router.route(req("other"), {"model": "other"}).primary for _ in range(30)} == {a, b, c}  # nobody: as before

@@ -8,6 +8,11 @@ Invariants:
   by this datastore's clock are not fresh, and :meth:`Datastore.fresh_metrics` says so;
 * epp's own load is counted in :attr:`Datastore.load` (a :class:`LoadLedger`), which
   outlives pool changes so every claim is released exactly once;
+* an endpoint whose last scrape found nothing listening is *unreachable*: it stays in the
+  pool (discovery owns membership) but :meth:`Datastore.routable` leaves it out, unless
+  every endpoint is unreachable; its next good scrape brings it back;
+* what each endpoint serves (its ``/v1/models``: base model and loaded adapters) is kept
+  per address, with an index model → addresses.
 * synchronous, event-loop thread only: no locks.
 """
 
@@ -37,6 +42,11 @@ class Datastore:
         self._pool_of: dict[str, Pool] = {}
         self._metrics: dict[str, EndpointMetrics] = {}
         self._adapters: dict[str, frozenset[str]] = {}  # adapter → addresses whose last scrape reported it
+        self._unreachable: set[str] = set()
+        self._routable: tuple[Endpoint, ...] = ()
+        self._served: dict[str, frozenset[str]] = {}  # address → models its /v1/models lists
+        self._servers: dict[str, frozenset[str]] = {}  # model → addresses listing it
+        self.serving_version = 0  # bumped whenever what anyone serves changes (lets callers cache)
         self._listeners: list[Callable[[], None]] = []
         self.metrics_view: Mapping[str, EndpointMetrics] = MappingProxyType(self._metrics)
 
@@ -86,6 +96,10 @@ class Datastore:
         for address in [a for a in self._metrics if a not in self._by_address]:
             self._index_adapters(address, self._metrics.pop(address).active_adapters, _NONE)
             self.load.forget(address)
+        for address in [a for a in self._served if a not in self._by_address]:
+            self.set_served_models(address, None)
+        self._unreachable &= self._by_address.keys()
+        self._update_routable()
         self._notify()
 
     def _notify(self) -> None:
@@ -99,6 +113,28 @@ class Datastore:
 
     def mirror_endpoints(self) -> tuple[Endpoint, ...]:
         return self._mirror.endpoints if self._mirror is not None else ()
+
+    def routable(self) -> tuple[Endpoint, ...]:
+        """The primary pool's endpoints minus unreachable ones (all of them if none is reachable)."""
+        return self._routable
+
+    def set_unreachable(self, address: str, unreachable: bool) -> None:
+        """Nothing listens there (a refused connection), or it answered again."""
+        if address not in self._by_address or (address in self._unreachable) == unreachable:
+            return
+        if unreachable:
+            self._unreachable.add(address)
+        else:
+            self._unreachable.discard(address)
+        self._update_routable()
+
+    def _update_routable(self) -> None:
+        endpoints = self.endpoints()
+        if self._unreachable:
+            alive = tuple(e for e in endpoints if e.address not in self._unreachable)
+            self._routable = alive or endpoints
+        else:
+            self._routable = endpoints
 
     def get(self, address: str) -> Endpoint | None:
         return self._by_address.get(address)
@@ -121,6 +157,8 @@ class Datastore:
         if old is None or old.active_adapters != metrics.active_adapters:
             self._index_adapters(address, old.active_adapters if old else _NONE, metrics.active_adapters)
         self.load.scraped(address)
+        if address in self._unreachable:
+            self.set_unreachable(address, False)
 
     def metrics(self, address: str) -> EndpointMetrics | None:
         """The last scrape, whatever its age."""
@@ -153,3 +191,29 @@ class Datastore:
                 self._adapters.pop(a, None)
         for a in new - old:
             self._adapters[a] = self._adapters.get(a, _NONE) | {address}
+        self.serving_version += 1
+
+    # ---- what each endpoint serves -------------------------------------------------------
+    def set_served_models(self, address: str, models: frozenset[str] | None) -> None:
+        """The models an endpoint's ``/v1/models`` lists (None: unknown, e.g. no such endpoint)."""
+        old = self._served.pop(address, _NONE)
+        if models is not None and address in self._by_address:
+            self._served[address] = models
+        new = self._served.get(address, _NONE)
+        for m in old - new:
+            holders = self._servers.get(m, _NONE) - {address}
+            if holders:
+                self._servers[m] = holders
+            else:
+                self._servers.pop(m, None)
+        for m in new - old:
+            self._servers[m] = self._servers.get(m, _NONE) | {address}
+        if old != new:
+            self.serving_version += 1
+
+    def served_models(self, address: str) -> frozenset[str] | None:
+        return self._served.get(address)
+
+    def servers_of(self, model: str) -> frozenset[str]:
+        """Addresses known to serve ``model``: listed by ``/v1/models`` or running it as an adapter."""
+        return self._servers.get(model, _NONE) | self._adapters.get(model, _NONE)

@@ -6,7 +6,12 @@ another.  A scrape asks only for the families the engine mapping needs
 (``?name[]=…``, honoured by prometheus_client servers such as vLLM) over a kept-alive
 connection (:mod:`epp.datalayer.httpget`) and reads at most ``max_bytes``.  Failures
 of any kind (connection, HTTP status, timeout, oversize, garbage) are counted per pod
-and leave the last metrics in place, where their age marks them stale.  Membership
+and leave the last metrics in place, where their age marks them stale; a refused
+connection (nothing listens: the pod died) also marks the endpoint unreachable at once,
+so it stops being picked within one scrape interval instead of the staleness
+threshold.  Every ``models_interval`` seconds (and whenever an endpoint comes back) the
+loop also reads ``/v1/models``, which lists the base model and the LoRA adapters loaded
+there, so a request is never sent to a pod that cannot serve its model.  Membership
 belongs to discovery: loops follow the datastore.  The loops run as supervised tasks
 (:class:`epp.supervisor.Supervisor`): one that raises is logged, counted and restarted.
 """
@@ -21,6 +26,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 from urllib.parse import urlencode
+
+import orjson
 
 from epp.datalayer.datastore import Datastore
 from epp.datalayer.engines import EngineMapping, engine_for
@@ -73,8 +80,11 @@ class EndpointScraper:
         query = urlencode([("name[]", n) for n in mapping.families()])
         host, _, port = endpoint.address.rpartition(":")
         self._getter = HttpGetter(host.strip("[]"), int(port), f"/metrics?{query}", max_bytes=max_bytes)
+        self._models_getter = HttpGetter(host.strip("[]"), int(port), "/v1/models", max_bytes=1 << 20)
         self.errors = 0
         self.successes = 0
+        self.recovered = False  # the last scrape was the first, or succeeded after a failed one
+        self._failing = False
 
     async def fetch(self) -> str:
         try:
@@ -90,6 +100,21 @@ class EndpointScraper:
 
     def close(self) -> None:
         self._getter.close()
+        self._models_getter.close()
+
+    async def models_once(self) -> bool:
+        """Read ``/v1/models`` into the datastore; an endpoint without it is recorded as unknown."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                status, body = await self._models_getter.get()
+        except (TimeoutError, HttpGetError):
+            return False
+        if status != 200:
+            self._store.set_served_models(self.endpoint.address, None)
+            return False
+        models = _model_ids(body)
+        self._store.set_served_models(self.endpoint.address, models)
+        return models is not None
 
     async def scrape_once(self) -> bool:
         """Fetch and store one scrape; False (and the error counted) when it failed."""
@@ -100,12 +125,17 @@ class EndpointScraper:
             return self._failed(exc.reason, str(exc))
         except (ExpositionError, UnicodeError) as exc:
             return self._failed("parse", str(exc))
+        self.recovered = self.successes == 0 or self._failing
+        self._failing = False
         self._store.set_metrics(self.endpoint.address, metrics)
         self.successes += 1
         return True
 
     def _failed(self, reason: str, detail: str) -> bool:
         self.errors += 1
+        self._failing = True
+        if reason == "connection":  # nothing listens there: stop picking it now, not at staleness
+            self._store.set_unreachable(self.endpoint.address, True)
         if self._on_error is not None:
             self._on_error(self.endpoint, reason)
         if self.errors == 1 or self.errors % 100 == 0:
@@ -125,12 +155,14 @@ class ScrapeLoops:
         *,
         interval: float = 0.05,
         timeout: float = 1.0,
+        models_interval: float = 5.0,
         on_error: ErrorHook | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._spawner = spawner
         self._interval = interval
+        self._models_interval = models_interval
         self._timeout = timeout
         self._on_error = on_error
         self._rng = rng or random.Random()
@@ -176,9 +208,12 @@ class ScrapeLoops:
 
     async def _run(self, scraper: EndpointScraper) -> None:
         await asyncio.sleep(self._rng.random() * self._interval)  # spread the first scrapes
+        models_due = 0.0
         while True:
             started = time.monotonic()
-            await scraper.scrape_once()
+            if await scraper.scrape_once() and (scraper.recovered or started >= models_due):
+                await scraper.models_once()
+                models_due = started + self._models_interval
             period = self._interval * (0.9 + 0.2 * self._rng.random())  # ±10 % jitter
             await asyncio.sleep(max(0.0, started + period - time.monotonic()))
 
@@ -187,3 +222,15 @@ class ScrapeLoops:
         for address in list(self._tasks):
             self._drop(address)
         self._started = False
+
+
+def _model_ids(body: bytes) -> frozenset[str] | None:
+    """The ``id``s of an OpenAI ``/v1/models`` answer (None if it is not one)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        return None
+    return frozenset(m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str))

@@ -1,8 +1,9 @@
 """Static discovery: the pool file (llm-d calls this file discovery), re-read when it changes.
 
 The file is polled (mtime, size) every ``interval`` seconds off the event loop; a
-changed file that fails validation is logged and ignored, so a typo never empties a
-running pool.  The first load's errors propagate: a bad file at start is exit code 2.
+changed file that fails validation, or that would leave a serving pool with no endpoint
+at all, is logged and ignored, so a typo never empties a running pool (to retire a
+pool, stop epp).  The first load's errors propagate: a bad file at start is exit code 2.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ class StaticPoolSource:
         self._sink = sink
         self._interval = interval
         self._sig: tuple[int, int] | None = None
+        self._loaded_endpoints = 0
         self.changed = asyncio.Event()  # set at every applied reload (tests wait on it)
 
     async def sync(self) -> None:
         self._sig = await asyncio.to_thread(_signature, self.path)
-        apply_pool_file(self._sink, await asyncio.to_thread(load_pool_file, self.path))
+        pool_file = await asyncio.to_thread(load_pool_file, self.path)
+        self._loaded_endpoints = len(pool_file.pool.endpoints)
+        apply_pool_file(self._sink, pool_file)
 
     async def check_once(self) -> bool:
         """Reload if the file changed; return True when a new pool was applied."""
@@ -56,6 +60,10 @@ class StaticPoolSource:
         except ConfigError as exc:
             log.error("pool file change ignored: %s", exc)
             return False
+        if not pool_file.pool.endpoints and self._loaded_endpoints:
+            log.error("pool file change ignored: %s lists no endpoint, which would empty the running pool", self.path)
+            return False
+        self._loaded_endpoints = len(pool_file.pool.endpoints)
         apply_pool_file(self._sink, pool_file)
         self.changed.set()
         log.info("pool file reloaded: %d endpoints", len(pool_file.pool.endpoints))

@@ -69,3 +69,32 @@ def test_metrics_and_adapter_index_follow_membership():
     assert store.metrics(B.address) is None and store.endpoints_with_adapter("y") == frozenset()
     store.set_metrics(B.address, EndpointMetrics())  # a late scrape of a departed endpoint is ignored
     assert store.metrics(B.address) is None
+
+
+def test_unreachable_endpoints_are_not_routable_unless_all_are():
+    store = datastore([A, B, C])
+    assert store.routable() == (A, B, C)
+    store.set_unreachable(B.address, True)
+    assert store.routable() == (A, C) and store.endpoints() == (A, B, C)  # still a member
+    store.set_unreachable(A.address, True)
+    store.set_unreachable(C.address, True)
+    assert store.routable() == (A, B, C)  # nobody answers: do not refuse everything
+    store.set_metrics(A.address, EndpointMetrics())  # A answered again
+    assert store.routable() == (A,)
+    store.set_pool(pool([A, B]))  # membership changes keep the marks of those who stay
+    assert store.routable() == (A,)
+
+
+def test_what_each_endpoint_serves_is_indexed_and_follows_membership():
+    store = datastore([A, B, C])
+    v0 = store.serving_version
+    store.set_served_models(A.address, frozenset({"base", "sql-lora"}))
+    store.set_served_models(B.address, frozenset({"base"}))
+    assert store.servers_of("sql-lora") == {A.address} and store.servers_of("base") == {A.address, B.address}
+    assert store.served_models(C.address) is None and store.serving_version > v0
+    store.set_metrics(C.address, EndpointMetrics(active_adapters=frozenset({"sql-lora"})))
+    assert store.servers_of("sql-lora") == {A.address, C.address}  # running it counts too
+    store.set_pool(pool([B, C]))
+    assert store.servers_of("sql-lora") == {C.address} and store.served_models(A.address) is None
+    store.set_served_models(A.address, frozenset({"x"}))  # a late answer from a departed endpoint
+    assert store.servers_of("x") == frozenset()
