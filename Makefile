@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/epp demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src
@@ -32,12 +32,12 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/mypy --strict src
 	@# llm-d-inference-sim for the compatibility test: built with Go once, then cached
 	$(BIN)/python tests/support/llmd_sim.py
 	@# kube-apiserver (built with Go once, cached) and etcd (Debian) for tests/kubernetes
-	$(BIN)/python tests/kubernetes/kube_tools.py
+	$(BIN)/python -m tools.kube.build
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -1,10 +1,11 @@
 """Fixtures for the Kubernetes tests: one real etcd + kube-apiserver per session, on 127.0.0.1.
 
-* ``kube_cluster`` (session): builds/finds the binaries (``kube_tools``; skipped only when
-  there is no Go toolchain or no way to get etcd), starts the cluster, installs the CRDs
-  every test may use.  The llm-d.ai InferenceObjective CRD is *not* installed: the test of
-  a CRD installed later does that, and removes it again.
-* ``admin``: a kubernetes_asyncio client as the cluster admin, wrapped in ``Admin``.
+* ``kube_cluster`` (session): builds/finds the binaries (``tools.kube.build``; skipped only
+  when there is no Go toolchain or no way to get etcd), starts the cluster
+  (``tools.kube.cluster``), installs the CRDs every test may use.  The llm-d.ai
+  InferenceObjective CRD is *not* installed: the test of a CRD installed later does that,
+  and removes it again.
+* ``admin``: a kubernetes_asyncio client as the cluster admin, wrapped in ``tools.kube.admin.Admin``.
 * ``namespace``: a fresh namespace per test (never deleted: no namespace controller runs,
   and the cluster dies with the session).
 * ``sink`` / ``sources``: a recording :class:`~epp.discovery.PoolSink`, and running
@@ -21,13 +22,13 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Iterator
 
 import pytest
+from tools.kube.admin import Admin
+from tools.kube.build import ToolMissing, ensure_etcd, ensure_kube_apiserver
+from tools.kube.cluster import KubeCluster
 
 from epp.discovery._kube import new_api_client
 
-from .kube_admin import Admin
-from .kube_cluster import KubeCluster
 from .kube_support import RecordingSink, Sources
-from .kube_tools import ToolMissing, ensure_etcd, ensure_kube_apiserver
 
 BASE_CRDS = (
     "inferencepools.inference.networking.k8s.io",

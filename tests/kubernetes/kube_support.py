@@ -1,17 +1,31 @@
-"""Helpers of the Kubernetes tests: a recording sink, running sources, pool specs, timings."""
+"""Helpers of the Kubernetes tests: a recording sink, running sources, pool specs, timings,
+epp's own RBAC (manifests/epp/rbac.yaml) and credentials bound to it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tools.kube.admin import Admin
+from tools.kube.cluster import KubeCluster
 
 from epp.discovery._kube import WatchTiming
 from epp.discovery.kubernetes import KubernetesPoolSource
 from epp.domain import ModelPolicies, Pool
 
-from .kube_admin import Admin
+from support.serve import EPP, Serving, read_ready_line
+
+# The Role, ServiceAccount and RoleBinding epp runs as: the manifests' own, read once at import.
+EPP_RBAC_FILE = Path(__file__).resolve().parents[2] / "manifests" / "epp" / "rbac.yaml"
+EPP_RBAC = EPP_RBAC_FILE.read_text()
+_RBAC_NAMES = {d["kind"]: d["metadata"]["name"] for d in yaml.safe_load_all(EPP_RBAC)}
+EPP_ACCOUNT, EPP_BINDING = _RBAC_NAMES["ServiceAccount"], _RBAC_NAMES["RoleBinding"]
 
 # Short enough that a test sees reconnects, re-checks and backoff resolve in well under a second.
 FAST = WatchTiming(watch_timeout=30.0, request_timeout=5.0, backoff=0.05, max_backoff=0.5, recheck_interval=0.2)
@@ -114,3 +128,60 @@ def v1_pool(selector: dict[str, str], ports: list[int], failure_mode: str = "Fai
         "targetPorts": [{"number": p} for p in ports],
         "endpointPickerRef": {"name": "epp", "port": {"number": 9002}, "failureMode": failure_mode},
     }
+
+
+async def epp_credentials(cluster: KubeCluster, admin: Admin, ns: str, path: Path) -> Path:
+    """Apply manifests/epp/rbac.yaml in ``ns`` and write a kubeconfig with a bound token of its ServiceAccount."""
+    await admin.apply_rbac(ns, EPP_RBAC)
+    token = await admin.service_account_token(ns, EPP_ACCOUNT)
+    return await asyncio.to_thread(cluster.write_kubeconfig, path, token, EPP_ACCOUNT)
+
+
+# ---- `epp serve` in Kubernetes mode, as a process ------------------------------------------
+async def start_kube_serve(kubeconfig: Path, namespace: str, pool: str, *extra: str,
+                           timeout: float = 30.0) -> Serving:
+    """``epp serve --pool-name POOL --kubeconfig …``, every port 0 on 127.0.0.1, plaintext; up to its ready line."""
+    proc = await asyncio.create_subprocess_exec(
+        *EPP, "serve", "--pool-name", pool, "--pool-namespace", namespace, "--kubeconfig", str(kubeconfig),
+        "--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0", "--bind-address", "127.0.0.1",
+        "--secure-serving=false", *extra,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        return Serving(proc, await read_ready_line(proc, timeout))
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        raise
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """gRPC health of one ``epp serve``: ``check`` once, or ``wait_for`` a status on a Watch stream."""
+
+    def __init__(self, served: Serving) -> None:
+        self.channel = grpc.aio.insecure_channel(served.address("health"))
+        self.stub = health_pb2_grpc.HealthStub(self.channel)
+
+    async def check(self, service: str = "readiness") -> int:
+        answer = await self.stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        status: int = answer.status
+        return status
+
+    async def wait_for(self, status: int, service: str = "readiness", timeout: float = WAIT_S) -> None:
+        """Return once ``service`` reports ``status`` (the Watch stream's first message is the current one)."""
+        call = self.stub.Watch(health_pb2.HealthCheckRequest(service=service))
+        try:
+            async with asyncio.timeout(timeout):
+                async for answer in call:
+                    if answer.status == status:
+                        return
+        finally:
+            call.cancel()
+
+    async def aclose(self) -> None:
+        await self.channel.close()

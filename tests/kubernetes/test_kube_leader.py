@@ -7,11 +7,10 @@ import contextlib
 import time
 
 import pytest
+from tools.kube.admin import Admin
 
 from epp.discovery._kube import call_json
 from epp.discovery.leader import LeaderElector, lease_name
-
-from .kube_admin import Admin
 
 LEASE_S, RENEW_S, RETRY_S = 2.0, 1.5, 0.2
 

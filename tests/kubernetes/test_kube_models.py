@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from tools.kube.admin import LLMD, V1, V1ALPHA2, Admin
+
 from epp.discovery.kubernetes import V1ALPHA2_GROUP
 from epp.domain import Criticality, ModelPolicy, TargetModel
 
-from .kube_admin import LLMD, V1, V1ALPHA2, Admin
 from .kube_support import RecordingSink, Sources, v1_pool
 
 ALPHA_REF = {"name": "pool"}  # InferenceModel's poolRef group defaults to inference.networking.x-k8s.io

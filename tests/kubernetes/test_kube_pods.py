@@ -6,11 +6,12 @@ import dataclasses
 import statistics
 import time
 
+from tools.kube.admin import V1, V1ALPHA2, Admin
+from tools.kube.cluster import KubeCluster
+
 from epp.discovery.kubernetes import V1ALPHA2_GROUP
 from epp.domain import FailureMode
 
-from .kube_admin import V1, V1ALPHA2, Admin
-from .kube_cluster import KubeCluster
 from .kube_support import FAST, Sources, v1_pool
 
 APP = {"app": "vllm"}

@@ -1,4 +1,4 @@
-"""epp as a ServiceAccount bound to tests/kubernetes/rbac.yaml's Role: enough, and nothing more."""
+"""epp as the ServiceAccount bound to manifests/epp/rbac.yaml's Role: enough, and nothing more."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from kubernetes_asyncio import client
+from tools.kube.admin import V1, V1ALPHA2, Admin
+from tools.kube.cluster import KubeCluster
 
 from epp.discovery._kube import ApiException, call_json, new_api_client
 from epp.discovery.leader import LeaderElector, lease_name
 
-from .kube_admin import V1, V1ALPHA2, Admin
-from .kube_cluster import KubeCluster
-from .kube_support import Sources, v1_pool
+from .kube_support import EPP_ACCOUNT, EPP_BINDING, EPP_RBAC, Sources, epp_credentials, v1_pool
 
 APP = {"app": "vllm"}
 
@@ -32,8 +32,8 @@ async def test_source_and_leader_election_work_with_only_the_role(
 ) -> None:
     """epp as a pod would run it: in-cluster config, a bound ServiceAccount token, the Role alone."""
     ns, sink = namespace, sources.sink
-    await admin.apply_rbac(ns)
-    token = await admin.service_account_token(ns, "epp")
+    await admin.apply_rbac(ns, EPP_RBAC)
+    token = await admin.service_account_token(ns, EPP_ACCOUNT)
     sa_dir = await asyncio.to_thread(mount_service_account, tmp_path / "sa", token, kube_cluster.ca_file)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(kube_cluster.port))
@@ -88,9 +88,7 @@ async def test_leader_steps_down_when_renewals_fail_for_the_renew_deadline(
 ) -> None:
     """Revoking the Role makes every renewal fail (403): the leader steps down after renew_deadline, not before."""
     ns = namespace
-    await admin.apply_rbac(ns)
-    token = await admin.service_account_token(ns, "epp")
-    kubeconfig = await asyncio.to_thread(kube_cluster.write_kubeconfig, tmp_path / "epp.kubeconfig", token, "epp")
+    kubeconfig = await epp_credentials(kube_cluster, admin, ns, tmp_path / "epp.kubeconfig")
     epp_api = await new_api_client(str(kubeconfig))
     renew_deadline, retry = 1.0, 0.1
     elector = LeaderElector(epp_api, namespace=ns, name=lease_name("pool", ns), identity="epp-0",
@@ -98,7 +96,7 @@ async def test_leader_steps_down_when_renewals_fail_for_the_renew_deadline(
     task = asyncio.create_task(elector.run())
     try:
         await asyncio.wait_for(elector.wait_until(True), 5)
-        await call_json(admin.rbac.delete_namespaced_role_binding, "epp", ns)
+        await call_json(admin.rbac.delete_namespaced_role_binding, EPP_BINDING, ns)
         revoked = loop_time()
         await asyncio.wait_for(elector.wait_until(False), renew_deadline + 1.0)
         stepped_down = loop_time() - revoked
@@ -112,3 +110,44 @@ async def test_leader_steps_down_when_renewals_fail_for_the_renew_deadline(
 
 def loop_time() -> float:
     return asyncio.get_running_loop().time()
+
+
+# What epp needs, exactly (manifests/epp/rbac.yaml says the same; test_manifests checks the file).
+GRANTED = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferencemodels"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferenceobjectives"): {"get", "list", "watch"},
+    ("llm-d.ai", "inferenceobjectives"): {"get", "list", "watch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+}
+ASKED = [*GRANTED, ("", "pods/status"), ("", "secrets"), ("", "configmaps"), ("", "services"),
+         ("apps", "deployments"), ("inference.networking.k8s.io", "inferencepools/status"),
+         ("rbac.authorization.k8s.io", "roles")]
+VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletecollection")
+
+
+async def test_the_authorizer_grants_the_role_exactly(
+    kube_cluster: KubeCluster, admin: Admin, namespace: str, tmp_path: Path
+) -> None:
+    """The API server's own answer, per resource and verb, as epp's ServiceAccount: granted ⇔ in GRANTED."""
+    ns = namespace
+    kubeconfig = await epp_credentials(kube_cluster, admin, ns, tmp_path / "epp.kubeconfig")
+    epp_api = await new_api_client(str(kubeconfig))
+    authz = client.AuthorizationV1Api(epp_api)
+
+    async def allowed(group: str, resource: str, verb: str, where: str = ns) -> bool:
+        plural, _, sub = resource.partition("/")
+        attrs = {"namespace": where, "group": group, "resource": plural, "subresource": sub, "verb": verb}
+        review = await call_json(authz.create_self_subject_access_review, {"spec": {"resourceAttributes": attrs}})
+        return bool(review["status"].get("allowed"))
+
+    try:
+        cells = [(g, r, v) for g, r in ASKED for v in VERBS]
+        answers = await asyncio.gather(*(allowed(g, r, v) for g, r, v in cells))
+        granted = {(g, r, v) for (g, r, v), yes in zip(cells, answers, strict=True) if yes}
+        assert granted == {(g, r, v) for (g, r), verbs in GRANTED.items() for v in verbs}
+        assert not await allowed("", "pods", "list", "default")  # a Role: nothing outside its namespace
+    finally:
+        await epp_api.close()

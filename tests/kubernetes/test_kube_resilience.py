@@ -7,11 +7,11 @@ import functools
 import time
 
 import pytest
+from tools.kube.admin import V1, Admin
+from tools.kube.cluster import KubeCluster
 
 from epp.discovery._kube import ApiException, Reflector, WatchTiming
 
-from .kube_admin import V1, Admin
-from .kube_cluster import KubeCluster
 from .kube_support import Sources, v1_pool
 
 APP = {"app": "vllm"}

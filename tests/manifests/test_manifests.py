@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,11 +13,26 @@ from typing import Any
 import pytest
 import yaml
 
-from epp.cli import build_parser
-from epp.config import PoolFile, parse_pool_file
+from epp.cli import build_parser, settings_from
+from epp.config import PoolFile, Settings, parse_pool_file
+from epp.discovery.kubernetes import POOL_VERSIONS, parse_pool, policies_of
+from epp.domain import Criticality, ModelPolicy, TargetModel
 from epp.wire import MIRROR_HEADER
 
 ROOT = Path(__file__).resolve().parents[2] / "manifests"
+PRIMARY, SHADOW, EPP = "vllm-llama2-7b-pool", "vllm-llama2-7b-pool-1", "vllm-llama2-7b-pool-epp"
+EPP_DIRS = {"base": ROOT / "epp", "static-file": ROOT / "epp-overlays" / "static-file",
+            "ha": ROOT / "epp-overlays" / "ha"}
+# epp's least privilege (the issue's list): read its pool, the pods, the model objects; the Lease for HA.
+EPP_RULES = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferencemodels"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferenceobjectives"): {"get", "list", "watch"},
+    ("llm-d.ai", "inferenceobjectives"): {"get", "list", "watch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+}
 
 
 def load_all() -> list[dict]:
@@ -31,42 +47,125 @@ def test_every_manifest_parses_and_has_kind():
     assert docs and all("kind" in d or "pool" in d for d in docs)
 
 
-def test_epp_base_is_consistent():
+def _epp_container(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    (dep,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == EPP]
+    pod = dep["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    return pod, container
+
+
+def epp_settings(docs: list[dict[str, Any]], namespace: str = "default") -> tuple[argparse.Namespace, Settings]:
+    """epp's parsed arguments and its Settings as the pod would get them: ``$(VAR)`` references in
+    the args expanded from the container's env (as the kubelet does), the env given to epp."""
+    _, container = _epp_container(docs)
+    env: dict[str, str] = {}
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        else:  # the downward API: only the pod's namespace is used here
+            assert var["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}, var
+            env[var["name"]] = namespace
+    def expand(match: re.Match[str]) -> str:
+        assert match.group(1) in env, f"epp's args use {match.group(0)}, which its env does not define"
+        return env[match.group(1)]
+
+    parsed = build_parser().parse_args([re.sub(r"\$\((\w+)\)", expand, arg) for arg in container["args"]])
+    return parsed, settings_from(parsed, env)
+
+
+def test_epp_base_follows_its_pool_through_the_api_server():
     base = ROOT / "epp"
     kust = yaml.safe_load((base / "kustomization.yaml").read_text())
     for res in kust["resources"]:
         assert (base / res).is_file(), res
-    pool_cm = kust["configMapGenerator"][0]
-    pool = parse_pool_file((base / pool_cm["files"][0]).read_text(), "pool.yaml")
-    assert pool.pool.name
-    dep = yaml.safe_load((base / "deployment.yaml").read_text())
-    svc = yaml.safe_load((base / "service.yaml").read_text())
-    pod = dep["spec"]["template"]
+    docs = kustomize(base)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"]
+    pod, container = _epp_container(docs)
+    (svc,) = [d for d in docs if d["kind"] == "Service"]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-    container = pod["spec"]["containers"][0]
     ports = {p["containerPort"] for p in container["ports"]}
     assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
-    args = build_parser().parse_args(container["args"])  # the args are ones epp accepts
+    args, settings = epp_settings(docs, namespace="team-a")
+    assert args.pool_file is None and settings.pool_name == PRIMARY
+    assert settings.pool_namespace == "team-a"  # the pod's own namespace, from the downward API
+    assert settings.pool_group == "inference.networking.k8s.io"  # v1 unless an overlay says otherwise
+    assert settings.kubeconfig is None and not settings.ha_enable_leader_election  # in-cluster config
     assert {args.grpc_port, args.grpc_health_port, args.metrics_port} == ports
     assert container["readinessProbe"]["grpc"]["port"] == args.grpc_health_port
-    mount = container["volumeMounts"][0]
-    assert args.pool_file.startswith(mount["mountPath"] + "/")
-    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
-    assert volume["configMap"]["name"] == pool_cm["name"]
+    assert container["livenessProbe"]["grpc"] == {"port": args.grpc_health_port, "service": "liveness"}
+    assert "volumes" not in pod["spec"] and "volumeMounts" not in container  # no pool file
+    assert pod["spec"].get("automountServiceAccountToken", True)  # it needs its token
     assert 9002 in {p["port"] for p in svc["spec"]["ports"]}
+
+
+def _role_rules(docs: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    rules: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no resourceNames, no wildcards
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                rules.setdefault((group, resource), set()).update(rule["verbs"])
+    return rules
+
+
+def test_epp_role_is_exactly_the_least_privilege():
+    docs = kustomize(ROOT / "epp")
+    assert _role_rules(docs) == EPP_RULES
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]  # its namespace only
+    # Every pool group epp can be told to follow is readable.
+    assert {(g, "inferencepools") for g in POOL_VERSIONS} <= set(EPP_RULES)
+
+
+def test_static_file_overlay_mounts_a_pool_file_and_needs_no_api_access():
+    docs = kustomize(EPP_DIRS["static-file"])
+    pod, container = _epp_container(docs)
+    args, settings = epp_settings(docs)
+    assert args.pool_name is None and settings.pool_file == "/etc/epp/pool.yaml"
+    pool = _pool_file_of(docs, pod, container, args.pool_file, "static-file")
+    assert pool.pool.name == PRIMARY and pool.pool.endpoints
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    base_args = epp_settings(kustomize(ROOT / "epp"))[0]
+    for flag in ("grpc_port", "grpc_health_port", "metrics_port", "secure_serving", "drain_timeout", "log_format"):
+        assert getattr(args, flag) == getattr(base_args, flag), flag  # only the discovery differs
+
+
+def test_ha_overlay_runs_two_replicas_with_leader_election():
+    docs = kustomize(EPP_DIRS["ha"])
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 2
+    # Recreate: a rolling update would wait for a standby (never Ready) to replace the leader.
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    _, settings = epp_settings(docs)
+    assert settings.ha_enable_leader_election and settings.pool_name == PRIMARY
+    assert 0 < settings.lease_retry_period < settings.lease_renew_deadline < settings.lease_duration
+    assert {"get", "create", "update"} <= _role_rules(docs)[("coordination.k8s.io", "leases")]
+
+
+def _pool_file_of(docs: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any], path: str,
+                  where: str) -> PoolFile:
+    """The pool file at ``path`` in the container: mounted from a ConfigMap built with the docs."""
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"]]
+    key = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    assert key in cm["data"], f"{path} is not a key of ConfigMap {cm['metadata']['name']}"
+    return parse_pool_file(cm["data"][key], f"{where}: {key}")
 
 
 # --- the traffic-mirroring scenario (manifests/scenario) ----------------------------------
 #
 # The overlays are built by a small stand-in for `kustomize build` that knows exactly the
-# features these manifests use (resources, configMapGenerator with create/replace/merge,
-# inline JSON6902 patches, namespace). When kubectl is installed its real kustomize builds
-# the same overlays and the two results must agree, so the stand-in cannot drift.
+# features these manifests use (resources, components, configMapGenerator with
+# create/replace/merge, inline JSON6902 patches, namespace). When kubectl is installed its
+# real kustomize builds the same overlays (and epp's own) and the two results must agree, so
+# the stand-in cannot drift.
 
 SCENARIO = ROOT / "scenario"
 OVERLAYS = ("v1alpha2", "v1", "load-aware-mirror")
-PRIMARY, SHADOW, EPP = "vllm-llama2-7b-pool", "vllm-llama2-7b-pool-1", "vllm-llama2-7b-pool-epp"
+STATIC_FILE_OVERLAYS = {"load-aware-mirror"}  # Kubernetes discovery has no mirror pool
 POOL_GROUPS = {"v1alpha2": "inference.networking.x-k8s.io", "v1": "inference.networking.k8s.io"}
 # Kinds kustomize's namespace transformer leaves alone (the ones these manifests could use).
 KUSTOMIZE_CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace", "CustomResourceDefinition"}
@@ -112,23 +211,33 @@ def _target_matches(doc: dict[str, Any], target: dict[str, str]) -> bool:
     )
 
 
-def kustomize(directory: Path) -> list[dict[str, Any]]:
+def kustomize(directory: Path, into: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Build a Kustomization; or, with ``into``, apply a Component to the objects built so far.
+
+    Order as kustomize's: resources, then components, then this kustomization's generators,
+    then its patches, then its namespace.
+    """
     kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    assert kust["kind"] == "Kustomization"
+    assert kust["kind"] == ("Component" if into is not None else "Kustomization"), directory
     assert set(kust) <= {
         "apiVersion",
         "kind",
         "namespace",
         "resources",
+        "components",
         "configMapGenerator",
         "generatorOptions",
         "patches",
     }, f"{directory}: feature the test does not model"
-    docs: list[dict[str, Any]] = []
+    docs: list[dict[str, Any]] = [] if into is None else into
     for entry in kust.get("resources", []):
         path = directory / entry
         assert path.exists(), f"{directory}/kustomization.yaml: resource {entry} does not exist"
         docs += kustomize(path) if path.is_dir() else _docs(path)
+    for entry in kust.get("components", []):
+        path = directory / entry
+        assert path.is_dir(), f"{directory}/kustomization.yaml: component {entry} does not exist"
+        kustomize(path, into=docs)
     if kust.get("configMapGenerator"):
         # Names stay stable, so volumes and the pool-file reload work without a hash suffix.
         assert kust["generatorOptions"]["disableNameSuffixHash"] is True
@@ -181,6 +290,11 @@ class Built:
     def pool_version(self) -> str:
         return "v1" if self.overlay == "load-aware-mirror" else self.overlay
 
+    @property
+    def static_file(self) -> bool:
+        """epp reads a pool file (the mirror overlay) instead of following the InferencePool."""
+        return self.overlay in STATIC_FILE_OVERLAYS
+
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def built(request: pytest.FixtureRequest) -> Built:
@@ -215,20 +329,14 @@ def _service_port_to(built: Built, service: str, port: int) -> int:
 
 
 def _epp(built: Built) -> tuple[dict[str, Any], argparse.Namespace]:
-    pod = built.get("Deployment", EPP)["spec"]["template"]
-    (container,) = pod["spec"]["containers"]
-    return pod, build_parser().parse_args(container["args"])
+    pod, _ = _epp_container(built.docs)
+    return pod, epp_settings(built.docs)[0]
 
 
 def _epp_pool_file(built: Built) -> PoolFile:
-    pod, args = _epp(built)
-    (container,) = pod["spec"]["containers"]
-    mount = next(m for m in container["volumeMounts"] if args.pool_file.startswith(m["mountPath"].rstrip("/") + "/"))
-    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
-    cm = built.get("ConfigMap", volume["configMap"]["name"])
-    key = args.pool_file[len(mount["mountPath"].rstrip("/")) + 1 :]
-    assert key in cm["data"], f"{args.pool_file} is not a key of ConfigMap {cm['metadata']['name']}"
-    return parse_pool_file(cm["data"][key], f"{built.overlay}: {key}")
+    assert built.static_file, f"{built.overlay}: epp follows the InferencePool, it has no pool file"
+    pod, container = _epp_container(built.docs)
+    return _pool_file_of(built.docs, pod, container, _epp(built)[1].pool_file, built.overlay)
 
 
 def _port(address: str) -> int:
@@ -244,17 +352,23 @@ def test_every_yaml_file_under_manifests_parses():
 
 
 def test_every_kustomization_builds_with_its_resources_present():
-    kustomizations = sorted(p.parent for p in ROOT.rglob("kustomization.yaml"))
-    assert {SCENARIO / "base", ROOT / "epp", *(SCENARIO / "overlays" / o for o in OVERLAYS)} <= set(kustomizations)
-    for directory in kustomizations:
-        assert kustomize(directory), directory
+    found = {p.parent: yaml.safe_load(p.read_text())["kind"] for p in ROOT.rglob("kustomization.yaml")}
+    assert {SCENARIO / "base", *EPP_DIRS.values(), *(SCENARIO / "overlays" / o for o in OVERLAYS)} <= set(found)
+    assert [d for d, kind in found.items() if kind == "Component"] == [ROOT / "epp" / "static-file"]
+    for directory, kind in sorted(found.items()):
+        if kind == "Kustomization":  # a Component is built through the kustomizations using it
+            assert kustomize(directory), directory
+
+
+def _all_overlays() -> list[Path]:
+    return [*(SCENARIO / "overlays" / o for o in OVERLAYS), *EPP_DIRS.values()]
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_real_kustomize_agrees_with_the_stand_in(overlay):
+@pytest.mark.parametrize("directory", _all_overlays(), ids=lambda d: str(d.relative_to(ROOT)))
+def test_real_kustomize_agrees_with_the_stand_in(directory):
     out = subprocess.run(
-        ["kubectl", "kustomize", str(SCENARIO / "overlays" / overlay)],
+        ["kubectl", "kustomize", str(directory)],
         check=False,
         capture_output=True,
         text=True,
@@ -265,7 +379,7 @@ def test_real_kustomize_agrees_with_the_stand_in(overlay):
     def key(d: dict[str, Any]) -> tuple[str, str]:
         return d["kind"], d["metadata"]["name"]
 
-    assert sorted(_docs_from(out.stdout), key=key) == sorted(kustomize(SCENARIO / "overlays" / overlay), key=key)
+    assert sorted(_docs_from(out.stdout), key=key) == sorted(kustomize(directory), key=key)
 
 
 def _docs_from(text: str) -> list[dict[str, Any]]:
@@ -313,11 +427,9 @@ def test_epp_rolebinding_ties_its_role_to_its_service_account(built):
     role = built.get("Role", binding["roleRef"]["name"])
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": EPP, "namespace": "default"}]
     built.get("ServiceAccount", EPP)
-    # Read-only: what Kubernetes discovery will need, nothing that writes.
-    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
-    assert verbs == {"get", "list", "watch"}
-    pools = {g for rule in role["rules"] if "inferencepools" in rule["resources"] for g in rule["apiGroups"]}
-    assert set(POOL_GROUPS.values()) <= pools
+    assert role["metadata"]["namespace"] == "default"
+    assert _role_rules(built.docs) == EPP_RULES  # the same least privilege in every overlay
+    assert {(g, "inferencepools") for g in POOL_GROUPS.values()} <= set(EPP_RULES)
 
 
 def test_configmap_volumes_exist_and_chat_template_is_mounted(built):
@@ -418,25 +530,35 @@ def test_inference_pool_calls_epps_ext_proc_port(built):
     _, args = _epp(built)
     assert _service_port_to(built, ref["name"], port) == args.grpc_port == 9002
     # The gateway's failure mode and epp's own agree.
-    assert ref.get("failureMode", "FailClose") == _epp_pool_file(built).pool.failure_mode
+    mode = ref.get("failureMode", "FailClose")
+    if built.static_file:
+        assert mode == _epp_pool_file(built).pool.failure_mode
+    else:  # epp reads it from this very object
+        assert parse_pool(pool, epp_settings(built.docs)[1].pool_group).failure_mode == mode
+
+
+LLAMA2 = ModelPolicy("/model/llama2", Criticality.CRITICAL, (TargetModel("/model/llama2", 100),))
 
 
 def test_inference_model_points_at_the_pool_and_matches_epps_policy(built):
     models = built.all("InferenceModel")
-    policy = {m.model_name: m for m in _epp_pool_file(built).models or []}
-    assert list(policy) == ["/model/llama2"]
+    if built.static_file:  # the pool file carries the policy
+        assert models == []
+        (policy,) = _epp_pool_file(built).models or []
+        assert (policy.model_name, policy.criticality) == (LLAMA2.model_name, LLAMA2.criticality)
+        assert [(t.name, t.weight) for t in policy.target_models] == [(t.name, t.weight) for t in LLAMA2.targets]
+        return
+    settings = epp_settings(built.docs)[1]
+    seen = policies_of(models, [], pool_name=settings.pool_name, pool_group=settings.pool_group).models
     if built.pool_version() == "v1":
-        assert models == []  # v1 has no InferenceModel; the pool file carries the policy
+        assert models == [] and seen is None  # v1 has no InferenceModel: every model is routed as named
         return
     (model,) = models
     spec = model["spec"]
     assert spec["poolRef"] == {"group": POOL_GROUPS["v1alpha2"], "kind": "InferencePool", "name": PRIMARY}
     built.get("InferencePool", spec["poolRef"]["name"])
-    assert (spec["modelName"], spec["criticality"]) == ("/model/llama2", "Critical")
-    assert spec["targetModels"] == [{"name": "/model/llama2", "weight": 100}]
-    mine = policy[spec["modelName"]]
-    assert mine.criticality.value == spec["criticality"]
-    assert [(t.name, t.weight) for t in mine.target_models] == [(t["name"], t["weight"]) for t in spec["targetModels"]]
+    assert model["metadata"]["namespace"] == built.get("InferencePool", PRIMARY)["metadata"]["namespace"]
+    assert seen is not None and dict(seen) == {"/model/llama2": LLAMA2}  # what epp makes of it
 
 
 def test_gateway_class_and_proxy_parameters_exist(built):
@@ -479,23 +601,33 @@ def test_httproute_sends_to_the_pool_and_mirrors_to_the_shadow_service(built):
     assert _service_port_to(built, ref["name"], ref["port"]) == shadow_port
 
 
-def test_epp_args_parse_and_its_pool_file_is_the_scenarios(built):
+def test_epp_follows_the_scenarios_pool(built):
     pod, args = _epp(built)
     (container,) = pod["spec"]["containers"]
     assert container["image"] == "ghcr.io/epp-project/epp:0.1.0"
     assert args.command == "serve"
     ports = {p["containerPort"] for p in container["ports"]}
     assert {args.grpc_port, args.grpc_health_port, args.metrics_port} == ports
-    pool_file = _epp_pool_file(built)
-    assert pool_file.pool.name == built.all("InferencePool")[0]["metadata"]["name"]
-    assert pool_file.pool.engine == "vllm"
+    (pool,) = built.all("InferencePool")
     vllm_port = _container_ports(_pods(built, {"app": PRIMARY})[0])["http"]
+    if not built.static_file:
+        # Kubernetes discovery of this very InferencePool: name, namespace (the pod's own, from
+        # the downward API) and API group; what epp reads from it selects the primary pods.
+        deployment = built.get("Deployment", EPP)
+        settings = epp_settings(built.docs, namespace=deployment["metadata"]["namespace"])[1]
+        group = pool["apiVersion"].partition("/")[0]
+        assert (settings.pool_name, settings.pool_namespace, settings.pool_group) == (
+            pool["metadata"]["name"], pool["metadata"]["namespace"], group)
+        spec = parse_pool(pool, group)
+        assert [p["metadata"]["labels"]["app"] for p in _pods(built, dict(spec.selector))] == [PRIMARY]
+        assert spec.target_ports == (vllm_port,)
+        return
+    pool_file = _epp_pool_file(built)
+    assert pool_file.pool.name == pool["metadata"]["name"]
+    assert pool_file.pool.engine == "vllm"
     assert pool_file.pool.endpoints and {_port(e.address) for e in pool_file.pool.endpoint_list()} == {vllm_port}
-    if built.overlay == "load-aware-mirror":
-        assert pool_file.mirror is not None and pool_file.mirror.name == SHADOW
-        assert {_port(e.address) for e in pool_file.mirror.endpoint_list()} == {vllm_port}
-    else:
-        assert pool_file.mirror is None  # plain mirroring: epp knows nothing of the shadow
+    assert pool_file.mirror is not None and pool_file.mirror.name == SHADOW
+    assert {_port(e.address) for e in pool_file.mirror.endpoint_list()} == {vllm_port}
 
 
 def _mirror_cluster_name(built: Built) -> str:

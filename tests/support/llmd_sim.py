@@ -17,13 +17,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
+
+if not __package__:  # run as `python tests/support/llmd_sim.py`: tools/ is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tools.run import run_echoing
 
 MODULE = "github.com/llm-d/llm-d-inference-sim"
 PACKAGE = f"{MODULE}/cmd/llm-d-inference-sim"
@@ -60,27 +62,10 @@ def _say(message: str) -> None:
 
 def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], deadline: float) -> tuple[int, list[str]]:
     """Run a go command, echoing its output line by line (progress), keeping the tail."""
-    _say("$ " + " ".join(cmd))
-    tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    killer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)  # the overall install deadline
-    killer.start()
-    try:
-        for raw in proc.stdout:  # `go install -v` prints each package as it is built
-            line = raw.rstrip()
-            tail.append(line)
-            print(f"  {line}", file=sys.stderr, flush=True)
-        rc = proc.wait()
-    finally:
-        killer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    if time.monotonic() >= deadline:
-        raise InstallFailed(f"{' '.join(cmd)}: install took longer than {INSTALL_TIMEOUT_S:.0f}s\n" + "\n".join(tail))
-    return rc, list(tail)
+    ran = run_echoing(cmd, cwd=cwd, env=env, deadline=deadline, label="llm-d-inference-sim")
+    if ran.timed_out:
+        raise InstallFailed(f"{' '.join(cmd)}: install took longer than {INSTALL_TIMEOUT_S:.0f}s\n{ran.describe()}")
+    return ran.returncode, list(ran.tail)
 
 
 def ensure_binary() -> Path:

@@ -187,7 +187,8 @@ class LeaderElector:
     async def _release(self) -> None:
         """Clear the holder so a standby takes over at its next retry (best effort, bounded)."""
         try:
-            async with asyncio.timeout(self.retry_period):
+            # a read and a write: allow more than one retry period, but stay well inside the renew deadline
+            async with asyncio.timeout(max(self.retry_period, self.renew_deadline / 2)):
                 lease = await call_json(self._api.read_namespaced_lease, self.name, self.namespace)
                 spec = lease.get("spec") or {}
                 if spec.get("holderIdentity") != self.identity:

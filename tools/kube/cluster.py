@@ -1,4 +1,4 @@
-"""A real etcd + kube-apiserver on 127.0.0.1 for the Kubernetes tests (no kubelet, no controllers).
+"""A real etcd + kube-apiserver on 127.0.0.1 for tests and benchmarks (no kubelet, no controllers).
 
 ``KubeCluster.start(workdir)`` generates a CA and serving certificate, a service-account
 signing key and a token file (the admin is in ``system:masters``), starts etcd on ports it

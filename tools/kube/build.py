@@ -1,12 +1,13 @@
-"""kube-apiserver and etcd for the Kubernetes tests: built or installed once, cached.
+"""kube-apiserver and etcd for the Kubernetes tests and benchmarks: built or installed once, cached.
 
 ``ensure_kube_apiserver()`` builds ``k8s.io/kubernetes/cmd/kube-apiserver`` at a pinned
 version from the Go module proxy in a scratch module and caches the binary under
 ``~/.cache/epp/kube/<version>/``; ``ensure_etcd()`` finds ``etcd`` (Debian's
 ``etcd-server``), installing it with apt-get when it is missing and we are root.
 
-``python tests/kubernetes/kube_tools.py`` does both and prints the two paths; ``make test``
-runs it before pytest so the build (minutes, once) is not charged to a test timeout.
+``python -m tools.kube.build`` (from the repository root) does both and prints the two
+paths; ``make test`` runs it before pytest so the build (minutes, once) is not charged to a
+test timeout.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
 from pathlib import Path
+
+from tools.run import Ran, run_echoing
 
 KUBE_VERSION = "v1.34.2"
 STAGING_VERSION = "v0.34.2"
@@ -64,29 +64,11 @@ def find_go() -> str:
     return go
 
 
-def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], deadline: float) -> tuple[int, list[str]]:
-    """Run a command, echoing its output (build progress) and keeping the tail for errors."""
-    _say("$ " + " ".join(cmd))
-    tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    killer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
-    killer.start()
-    try:
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            tail.append(line)
-            print(f"  {line}", file=sys.stderr, flush=True)
-        rc = proc.wait()
-    finally:
-        killer.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    if time.monotonic() >= deadline:
-        raise BuildFailed(f"{' '.join(cmd)}: took longer than {BUILD_TIMEOUT_S:.0f}s\n" + "\n".join(tail))
-    return rc, list(tail)
+def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], deadline: float) -> Ran:
+    ran = run_echoing(cmd, cwd=cwd, env=env, deadline=deadline, label="kube-tools")
+    if ran.timed_out:
+        raise BuildFailed(f"{' '.join(cmd)}: took longer than {BUILD_TIMEOUT_S:.0f}s\n{ran.describe()}")
+    return ran
 
 
 def _go_mod() -> str:
@@ -136,9 +118,9 @@ def ensure_kube_apiserver() -> Path:
                 [go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(partial),
                  "k8s.io/kubernetes/cmd/kube-apiserver"],
             ):
-                rc, tail = _run(step, cwd=work, env=env, deadline=deadline)
-                if rc != 0:
-                    raise BuildFailed(f"{' '.join(step[:2])} failed (rc={rc}):\n" + "\n".join(tail))
+                ran = _run(step, cwd=work, env=env, deadline=deadline)
+                if ran.returncode != 0:
+                    raise BuildFailed(f"{' '.join(step[:2])} failed (rc={ran.returncode}):\n{ran.describe()}")
             partial.rename(binary)  # atomic: a reader never sees a half-written binary
         _say(f"built {binary} in {time.monotonic() - started:.0f}s")
     return binary
@@ -156,21 +138,20 @@ def ensure_etcd() -> Path:
     _say("installing etcd-server with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     deadline = time.monotonic() + 600
-    rc, tail = _run(["apt-get", "install", "-y", "--no-install-recommends", "etcd-server"],
-                    cwd=Path("/"), env=env, deadline=deadline)
-    if rc != 0:
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "etcd-server"]
+    ran = _run(install, cwd=Path("/"), env=env, deadline=deadline)
+    if ran.returncode != 0:
         _run(["apt-get", "update"], cwd=Path("/"), env=env, deadline=deadline)
-        rc, tail = _run(["apt-get", "install", "-y", "--no-install-recommends", "etcd-server"],
-                        cwd=Path("/"), env=env, deadline=deadline)
+        ran = _run(install, cwd=Path("/"), env=env, deadline=deadline)
     etcd = shutil.which("etcd") or "/usr/bin/etcd"
-    if rc != 0 or not os.access(etcd, os.X_OK):
-        raise BuildFailed("apt-get install etcd-server failed:\n" + "\n".join(tail))
+    if ran.returncode != 0 or not os.access(etcd, os.X_OK):
+        raise BuildFailed(f"apt-get install etcd-server failed:\n{ran.describe()}")
     # Debian starts the packaged etcd service on 127.0.0.1:2379; the tests run their own on
     # other ports, so it does not matter whether it runs.
     return Path(etcd)
 
 
-if __name__ == "__main__":  # `python tests/kubernetes/kube_tools.py`: build/install once, print paths
+if __name__ == "__main__":  # `python -m tools.kube.build`: build/install once, print paths
     try:
         print(ensure_etcd())
         print(ensure_kube_apiserver())

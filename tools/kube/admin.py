@@ -1,5 +1,6 @@
-"""What the tests do to the API server as its admin: namespaces, pods (and their status), pools,
-model objects, CRDs, RBAC.  Every helper returns the server's JSON.
+"""What tests and benchmarks do to the API server as its admin: namespaces, pods (and their
+status), pools, model objects, CRDs, RBAC, ServiceAccount tokens.  Every helper returns the
+server's JSON.
 
 There is no kubelet: a pod gets its IP and ``Ready`` condition from :meth:`Admin.set_pod_status`
 (the ``status`` subresource), and with no ``nodeName`` a deleted pod is removed at once.
@@ -19,7 +20,7 @@ from kubernetes_asyncio.watch import Watch
 
 from epp.discovery._kube import call_json
 
-CRD_DIR = Path(__file__).parent / "crds"
+CRD_DIR = Path(__file__).parent / "crds"  # written by this project from the published API fields
 MERGE = "application/merge-patch+json"
 V1 = ("inference.networking.k8s.io", "v1")
 V1ALPHA2 = ("inference.networking.x-k8s.io", "v1alpha2")
@@ -28,7 +29,6 @@ LLMD = ("llm-d.ai", "v1alpha2")
 
 # Read once at import: no file I/O on the event loop.
 CRDS: dict[str, str] = {p.stem: p.read_text() for p in CRD_DIR.glob("*.yaml")}
-RBAC_YAML = (Path(__file__).parent / "rbac.yaml").read_text()
 
 
 def crd_doc(name: str) -> dict[str, Any]:
@@ -91,14 +91,14 @@ class Admin:
 
     # ---- CRDs ------------------------------------------------------------------------------
     async def install_crd(self, name: str, timeout: float = 20.0) -> None:
-        """Create a CRD from tests/kubernetes/crds and wait (on a watch) until it is Established."""
+        """Create a CRD from ``crds/`` and wait (on a watch) until it is Established."""
         doc = crd_doc(name)
         try:
             await call_json(self.ext.create_custom_resource_definition, doc)
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        await self._wait_crd(doc["metadata"]["name"], lambda obj: _established(obj), timeout)
+        await self._wait_crd(doc["metadata"]["name"], _established, timeout)
 
     async def delete_crd(self, name: str, timeout: float = 20.0) -> None:
         """Delete a CRD and wait until it is gone (the API server removes its objects first)."""
@@ -129,8 +129,11 @@ class Admin:
                             return
 
     # ---- RBAC ------------------------------------------------------------------------------
-    async def apply_rbac(self, ns: str, text: str = RBAC_YAML) -> None:
-        """Create the ServiceAccount, Role and RoleBinding of ``text`` (tests/kubernetes/rbac.yaml) in ``ns``."""
+    async def apply_rbac(self, ns: str, text: str) -> None:
+        """Create the ServiceAccount, Role and RoleBinding of ``text`` (e.g. manifests/epp/rbac.yaml) in ``ns``.
+
+        Every subject of a RoleBinding is moved to ``ns`` as well.
+        """
         for doc in yaml.safe_load_all(text):
             doc["metadata"]["namespace"] = ns
             kind = doc["kind"]

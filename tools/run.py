@@ -1,0 +1,61 @@
+"""Run a long build command (``go build``, ``go install``, ``apt-get``) with progress and a deadline.
+
+The one copy of what the cached-binary helpers share (``tools.kube.build`` for kube-apiserver
+and etcd, ``tests/support/llmd_sim.py`` for llm-d-inference-sim): every output line is echoed
+to stderr as it comes (a cold Go build takes minutes; silence looks like a hang), the last
+lines are kept for the error message, and the command is killed at an absolute deadline.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Ran", "run_echoing"]
+
+TAIL_LINES = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """How a command ended: its exit code, its last output lines, whether the deadline killed it."""
+
+    returncode: int
+    tail: tuple[str, ...]
+    timed_out: bool
+
+    def describe(self) -> str:
+        return "\n".join(self.tail)
+
+
+def run_echoing(cmd: list[str], *, cwd: Path, env: Mapping[str, str], deadline: float, label: str) -> Ran:
+    """Run ``cmd`` until it exits or ``deadline`` (``time.monotonic()``) passes; echo its output.
+
+    stdout and stderr are merged; each line goes to our stderr as ``  line``, the command
+    itself first as ``[label] $ cmd``.
+    """
+    print(f"[{label}] $ " + " ".join(cmd), file=sys.stderr, flush=True)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    killer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.kill)
+    killer.start()
+    try:
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            tail.append(line)
+            print(f"  {line}", file=sys.stderr, flush=True)
+        rc = proc.wait()
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    return Ran(rc, tuple(tail), timed_out=time.monotonic() >= deadline)
