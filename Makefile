@@ -38,6 +38,8 @@ test: $(STAMP)
 	$(BIN)/python tests/support/llmd_sim.py
 	@# kube-apiserver (built with Go once, cached) and etcd (Debian) for tests/kubernetes
 	$(BIN)/python -m tools.kube.build
+	@# egctl (Envoy Gateway's CLI, built with Go once, cached) for tests/gateway
+	$(BIN)/python -m tools.egctl.build
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

@@ -50,7 +50,8 @@ class App:
     ) -> None:
         self.settings = settings
         rng = rng or random.Random()
-        self.metrics = EppMetrics(registry)
+        self.metrics = EppMetrics(registry, known_models=self._known_models)
+        self._known: tuple[object, frozenset[str] | None] = (None, None)
         self.supervisor = Supervisor(on_failure=self._task_failed)
         self.datastore = Datastore(staleness=settings.metrics_staleness_threshold)
         self.discovery: PoolSource | None = None  # Kubernetes discovery needs an API client: made in start()
@@ -122,7 +123,22 @@ class App:
         return self.datastore.ready and leading and not self._closed
 
     def new_stream(self) -> ExtProcStream:
-        return ExtProcStream(self.router, self.datastore, self.metrics, max_body_bytes=self.settings.max_body_bytes)
+        return ExtProcStream(
+            self.router,
+            self.datastore,
+            self.metrics,
+            max_body_bytes=self.settings.max_body_bytes,
+            conformance_hooks=self.settings.conformance_test_hooks,
+        )
+
+    def _known_models(self) -> frozenset[str] | None:
+        """The allowlist's model names and their targets (None without an allowlist), cached per policy value."""
+        policies = self.datastore.policies
+        if self._known[0] is not policies:
+            models = policies.models
+            names = None if models is None else frozenset(models) | {t.name for p in models.values() for t in p.targets}
+            self._known = (policies, names)
+        return self._known[1]
 
     def _pool_snapshot(self) -> PoolSnapshot:
         store = self.datastore
@@ -195,6 +211,7 @@ class App:
             port=self.settings.grpc_port,
             health_port=self.settings.grpc_health_port,
             tls=self._tls,
+            unix_address=self.settings.grpc_address,
         )
         await self.server.start()
         http = web.Application()

@@ -72,6 +72,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--grpc-port", type=int, default=9002)
     p.add_argument("--grpc-health-port", type=int, default=9003)
     p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument(
+        "--grpc-address",
+        default=None,
+        metavar="unix:///PATH",
+        help="also serve ext_proc and gRPC health on this Unix socket, plaintext (Envoy in the same pod)",
+    )
     p.add_argument("--bind-address", default="0.0.0.0")
     p.add_argument("--secure-serving", type=_arg(parse_bool), nargs="?", const=True, default=True, metavar="true|false")
     p.add_argument("--cert-path", default=None, help="directory with tls.crt and tls.key")
@@ -89,6 +95,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--drain-timeout", type=_arg(parse_duration), default=30.0, metavar="DURATION")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument(
+        "--conformance-test-hooks",
+        type=_arg(parse_bool),
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="true|false",
+        help="GIE conformance: pick only among test-epp-endpoint-selection, echo x-conformance-test-served-endpoint",
+    )
 
 
 def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,15 +112,25 @@ def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--listen-port", type=int, required=True)
     p.add_argument("--listen-address", default="127.0.0.1")
     p.add_argument("--admin-port", type=int, default=0)
-    p.add_argument("--epp-address", required=True, help="host:port of epp's ext_proc server")
-    p.add_argument("--body-mode", choices=["full-duplex", "buffered"], default="full-duplex")
-    p.add_argument("--lb", choices=["original-dst", "override-host"], default="override-host")
+    p.add_argument(
+        "--epp-address", required=True, help="host:port of epp's ext_proc server, or unix:///path/epp.sock"
+    )
+    p.add_argument(
+        "--wiring",
+        choices=["epp", "envoy-ai-gateway"],
+        default="epp",
+        help="epp: this project's wiring (the flags below); envoy-ai-gateway: exactly what Envoy AI Gateway "
+        "renders for an InferencePool (full duplex, ORIGINAL_DST, TLS to epp, no metadata)",
+    )
+    p.add_argument("--body-mode", choices=["full-duplex", "buffered"], default=None, help="default full-duplex")
+    p.add_argument("--lb", choices=["original-dst", "override-host"], default=None, help="default override-host")
     p.add_argument("--epp-tls", action="store_true", help="connect to epp over TLS (no verification)")
     p.add_argument(
         "--mirror-lb",
         choices=["load-aware", "plain"],
-        default="load-aware",
-        help="shadow cluster: epp's x-gateway-mirror-endpoint pick, or plain round-robin",
+        default=None,
+        help="shadow cluster: epp's x-gateway-mirror-endpoint pick, or plain round-robin "
+        "(default load-aware; plain with --wiring envoy-ai-gateway, as Envoy Gateway renders a mirror)",
     )
     p.add_argument("--access-log", default=None, help="access log path (default stdout)")
     p.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
@@ -161,6 +186,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
         metrics_port=args.metrics_port,
+        grpc_address=args.grpc_address,
         bind_address=args.bind_address,
         secure_serving=args.secure_serving,
         cert_path=args.cert_path,
@@ -174,6 +200,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
         log_format=args.log_format,
+        conformance_test_hooks=args.conformance_test_hooks,
     )
 
 
@@ -198,22 +225,39 @@ def _serve(settings: Settings) -> int:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
+    from epp.envoy.ai_gateway import render_ai_gateway_bootstrap
     from epp.envoy.config import dump_bootstrap, render_bootstrap
 
-    text = dump_bootstrap(
-        render_bootstrap(
-            load_pool_file(args.pool_file),
+    pool_file = load_pool_file(args.pool_file)
+    if args.wiring == "envoy-ai-gateway":
+        fixed = [flag for flag, value in (("--body-mode", args.body_mode), ("--lb", args.lb)) if value is not None]
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)}: fixed by --wiring envoy-ai-gateway (full duplex, ORIGINAL_DST)")
+        if args.epp_address.startswith("unix:"):
+            raise ConfigError("--wiring envoy-ai-gateway reaches epp over TCP with TLS, not a Unix socket")
+        boot = render_ai_gateway_bootstrap(
+            pool_file,
             listen_port=args.listen_port,
             listen_address=args.listen_address,
             admin_port=args.admin_port,
             epp_address=args.epp_address,
-            body_mode=args.body_mode,
-            lb=args.lb,
+            access_log_path=args.access_log,
+            mirror_lb=args.mirror_lb or "plain",
+        )
+    else:
+        boot = render_bootstrap(
+            pool_file,
+            listen_port=args.listen_port,
+            listen_address=args.listen_address,
+            admin_port=args.admin_port,
+            epp_address=args.epp_address,
+            body_mode=args.body_mode or "full-duplex",
+            lb=args.lb or "override-host",
             epp_tls=args.epp_tls,
             access_log_path=args.access_log,
-            mirror_lb=args.mirror_lb,
+            mirror_lb=args.mirror_lb or "load-aware",
         )
-    )
+    text = dump_bootstrap(boot)
     if args.output == "-":
         sys.stdout.write(text)
     else:

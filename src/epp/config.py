@@ -223,6 +223,7 @@ class Settings:
     grpc_port: int = 9002
     grpc_health_port: int = 9003
     metrics_port: int = 9090
+    grpc_address: str | None = None  # also serve ext_proc + health on this unix:///path socket (plaintext)
     bind_address: str = "0.0.0.0"
     secure_serving: bool = True
     cert_path: str | None = None
@@ -236,3 +237,5 @@ class Settings:
     drain_timeout: float = 30.0
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
+    # GIE conformance test hooks: honour test-epp-endpoint-selection, echo the served endpoint
+    conformance_test_hooks: bool = False

@@ -19,3 +19,6 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 REQUEST_ID_HEADER = "x-request-id"
+# GIE conformance test hooks (epp serve --conformance-test-hooks only): client → epp, epp → client
+TEST_SELECTION_HEADER = "test-epp-endpoint-selection"
+TEST_SERVED_HEADER = "x-conformance-test-served-endpoint"

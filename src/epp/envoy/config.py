@@ -35,7 +35,8 @@ Choices, each tested against Envoy 1.40 (the facts are in ``docs/envoy-wiring.md
 * **TLS to epp** uses ALPN ``h2`` and no validation context, i.e. any certificate is
   accepted, as Envoy AI Gateway does.
 
-Addresses are ``ip:port`` strings (IPv6 as ``[addr]:port``).  Pool endpoints must be IP
+Addresses are ``ip:port`` strings (IPv6 as ``[addr]:port``); epp's may also be a Unix
+socket, ``unix:///path/epp.sock`` (``epp serve --grpc-address``, the sidecar shape).  Pool endpoints must be IP
 literals with ``override-host``: a hostname would be resolved by Envoy and the picked
 ``host:port`` would never match, silently falling back to round-robin.
 """
@@ -381,11 +382,23 @@ def _shadow_cluster(mirror: PoolSpec, name: str, mode: MirrorMode) -> dict[str, 
     return cluster
 
 
+def unix_path(address: str) -> str | None:
+    """The socket file of a ``unix:`` address (``unix:///abs`` or ``unix:rel``), else None."""
+    if not address.startswith("unix:"):
+        return None
+    rest = address.removeprefix("unix:")
+    path = rest[2:] if rest.startswith("//") else rest
+    if not path:
+        raise ConfigError(f"{address!r}: no socket path")
+    return path
+
+
 def _epp_cluster(epp_address: str, tls: bool) -> dict[str, Any]:
-    host, _ = split_address(epp_address)
+    socket_path = unix_path(epp_address)
+    host = "" if socket_path is not None else split_address(epp_address)[0]
     cluster: dict[str, Any] = {
         "name": EPP_CLUSTER,
-        "type": _static_or_dns([epp_address]),
+        "type": "STATIC" if socket_path is not None else _static_or_dns([epp_address]),
         "connect_timeout": _CONNECT_TIMEOUT,
         "circuit_breakers": _circuit_breakers(),
         "typed_extension_protocol_options": {
@@ -394,7 +407,12 @@ def _epp_cluster(epp_address: str, tls: bool) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "load_assignment": _load_assignment(EPP_CLUSTER, [epp_address]),
+        "load_assignment": _load_assignment(EPP_CLUSTER, [epp_address])
+        if socket_path is None
+        else {
+            "cluster_name": EPP_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": socket_path}}}}]}],
+        },
     }
     if tls:
         tls_context: dict[str, Any] = {
@@ -402,7 +420,7 @@ def _epp_cluster(epp_address: str, tls: bool) -> dict[str, Any]:
             # No validation_context: any server certificate is accepted.
             "common_tls_context": {"alpn_protocols": ["h2"]},
         }
-        if not _is_ip(host):
+        if host and not _is_ip(host):
             tls_context["sni"] = host
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls_context}
     return cluster

@@ -1,5 +1,12 @@
 """The grpc.aio servers: ext_proc (+ reflection, optional TLS) and gRPC health.
 
+Optionally a third server on a Unix socket (``unix:///var/run/epp/epp.sock``): the same
+ext_proc servicer and the same health servicer, for Envoy in the same pod (the sidecar
+shape).  It is always plaintext: only processes that can open the socket file reach it,
+so TLS would buy nothing.  The socket is made group- and world-connectable (its
+directory, an ``emptyDir`` shared by the two containers, is what limits access), since
+Envoy runs under another user than epp.
+
 Drain: :meth:`ExtProcServer.drain` marks health NOT_SERVING, stops accepting new
 streams and lets open ones finish within a bound.
 """
@@ -8,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,6 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from epp.errors import ConfigError
 from epp.extproc.stream import ExtProcStream
 from epp.observability.logging import request_id_var
 from epp.observability.metrics import EppMetrics
@@ -27,6 +36,20 @@ EXTPROC_SERVICE = pb.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 LIVENESS = "liveness"  # SERVING while the process runs
 # SERVING only while epp can route (the pool is known; in HA mode, this replica leads)
 READINESS_NAMES = ("", "readiness", "inference-extension", EXTPROC_SERVICE)
+UNIX_PREFIX = "unix:"
+_SOCKET_MODE = 0o666  # Envoy's container runs under another uid; the shared directory limits access
+_GRPC_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def unix_socket_path(address: str) -> str:
+    """The file of a gRPC ``unix:`` address (``unix:///abs/path`` or ``unix:relative/path``)."""
+    if not address.startswith(UNIX_PREFIX):
+        raise ConfigError(f"--grpc-address {address!r}: expected unix:///path/to/epp.sock")
+    rest = address[len(UNIX_PREFIX) :]
+    path = rest[2:] if rest.startswith("//") else rest
+    if not path or path.endswith("/"):
+        raise ConfigError(f"--grpc-address {address!r}: no socket file name")
+    return path
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -79,14 +102,15 @@ class ExtProcServer:
         port: int,
         health_port: int,
         tls: tuple[bytes, bytes] | None = None,
+        unix_address: str | None = None,
     ) -> None:
         self.servicer = servicer
         self.health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
-        )
+        self._server = grpc.aio.server(options=_GRPC_OPTIONS)
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self._server)
         reflection.enable_server_reflection((EXTPROC_SERVICE, reflection.SERVICE_NAME), self._server)
+        self.unix_address = unix_address
+        self._unix_server = self._bind_unix(unix_address) if unix_address else None
         target = f"{address}:{port}"
         if tls is not None:
             key, cert = tls
@@ -98,10 +122,31 @@ class ExtProcServer:
         self.health_port = self._health_server.add_insecure_port(f"{address}:{health_port}")
         self._stopped = False
 
+    def _bind_unix(self, unix_address: str) -> grpc.aio.Server:
+        """ext_proc + health on a Unix socket (bound now, so a bad path fails before start)."""
+        path = unix_socket_path(unix_address)
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--grpc-address {unix_address!r}: directory {directory} does not exist")
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (EXTPROC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            server.add_insecure_port(unix_address)  # grpc replaces a stale socket file, not a regular file
+        except RuntimeError:
+            raise ConfigError(f"--grpc-address {unix_address!r}: cannot bind {path} (not a socket?)") from None
+        os.chmod(path, _SOCKET_MODE)
+        return server
+
     async def start(self) -> None:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._health_server.start()
         await self._server.start()
+        if self._unix_server is not None:
+            await self._unix_server.start()
 
     async def set_serving(self, serving: bool) -> None:
         """Readiness (every name but liveness)."""
@@ -116,7 +161,8 @@ class ExtProcServer:
         self._stopped = True
         await self.set_serving(False)
         log.info("draining: %d open streams, up to %.1fs", self.servicer.open_streams, timeout)
-        await self._server.stop(grace=timeout)
+        servers = [self._server] if self._unix_server is None else [self._server, self._unix_server]
+        await asyncio.gather(*(server.stop(grace=timeout) for server in servers))  # grpc removes the socket file
         await self._health_server.stop(grace=0.5)
 
     async def aclose(self) -> None:

@@ -15,6 +15,14 @@ safe because a buffered reply to the headers never loses the body.
   destination, metadata and (when rewritten) the new body and its Content-Length.
 * NONE / STREAMED request bodies cannot be routed on: the request is routed on its
   headers, like a body-less GET.
+
+GIE conformance test hooks (``conformance_hooks``, off by default; ``epp serve
+--conformance-test-hooks``), as GIE's test picker has them: the request header
+``test-epp-endpoint-selection: ip[,ip:port]`` narrows the pick to those endpoints (503
+when none is in the pool), and the endpoint Envoy reports as served (``envoy.lb``
+metadata with the response headers) is echoed in the response header
+``x-conformance-test-served-endpoint``.  A gateway that forwards no metadata (Envoy AI
+Gateway) gets no echo: the served endpoint is the gateway's to report, not epp's to guess.
 """
 
 from __future__ import annotations
@@ -29,13 +37,13 @@ from google.protobuf import json_format
 
 from epp.datalayer import Datastore, InflightTicket
 from epp.domain import InferenceRequest, Pick
-from epp.errors import PayloadTooLarge, Rejected
+from epp.errors import NoEndpoints, PayloadTooLarge, Rejected
 from epp.extproc import responses
 from epp.extproc.protocol import BodySendMode, Phase
 from epp.observability.logging import request_id_var
 from epp.observability.metrics import EppMetrics
 from epp.openai import ModelNameRestorer, UsageParser, new_request_id, parse_inference_request
-from epp.routing import Router, parse_subset
+from epp.routing import Router, filter_subset, parse_subset
 from epp.wire import (
     DESTINATION_HEADER,
     LB_NAMESPACE,
@@ -44,12 +52,13 @@ from epp.wire import (
     SERVED_KEY,
     SUBSET_HINT_NAMESPACE,
     SUBSET_KEY,
+    TEST_SELECTION_HEADER,
+    TEST_SERVED_HEADER,
 )
 
 log = logging.getLogger(__name__)
 
 Response = Any  # ProcessingResponse
-
 
 @dataclass(slots=True)
 class RequestSide:
@@ -67,6 +76,7 @@ class ResponseSide:
     status: int = 0
     usage: UsageParser | None = None
     restorer: ModelNameRestorer | None = None
+    served: str = ""  # the endpoint Envoy reports it used (envoy.lb metadata), if it reports one
     done: bool = False
 
 
@@ -107,11 +117,13 @@ class ExtProcStream:
         *,
         max_body_bytes: int,
         clock: Callable[[], float] = time.monotonic,
+        conformance_hooks: bool = False,
     ) -> None:
         self._router = router
         self._store = datastore
         self._metrics = metrics
         self._max_body = max_body_bytes
+        self._hooks = conformance_hooks
         self._clock = clock
         self.ctx = RequestContext(started=clock())
         self.finished = False  # an ImmediateResponse was sent: Envoy ends the stream
@@ -152,6 +164,8 @@ class ExtProcStream:
         hint = _filter_metadata(message).get(SUBSET_HINT_NAMESPACE)
         if isinstance(hint, dict) and SUBSET_KEY in hint:
             req.subset = parse_subset(hint[SUBSET_KEY])
+        if self._hooks and TEST_SELECTION_HEADER in req.headers:
+            req.subset = self._designated(req.headers[TEST_SELECTION_HEADER], req.subset)
         if message.request_headers.end_of_stream or req.mode in (BodySendMode.NONE, BodySendMode.STREAMED):
             return [self._route_headers_only()]
         length = req.headers.get("content-length", "")
@@ -160,6 +174,13 @@ class ExtProcStream:
         if req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
             return []  # answered once the body is complete
         return [responses.request_headers_response()]
+
+    def _designated(self, selection: str, hint: tuple[str, ...] | None) -> tuple[str, ...]:
+        """The pool's endpoints a conformance test designated (and the subset hint allows)."""
+        allowed = filter_subset(filter_subset(self._store.endpoints(), hint), parse_subset(selection) or ())
+        if not allowed:
+            raise NoEndpoints(f"no ready endpoint matches {TEST_SELECTION_HEADER} {selection[:200]!r}")
+        return tuple(e.address for e in allowed)
 
     def on_request_body(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
         req = self.ctx.req
@@ -253,6 +274,8 @@ class ExtProcStream:
             return
         lb = _filter_metadata(message).get(LB_NAMESPACE)
         served = lb.get(SERVED_KEY) if isinstance(lb, dict) else None
+        if isinstance(served, str) and served:
+            self.ctx.resp.served = served
         if isinstance(served, str) and served and served != ticket.address and self._store.get(served):
             log.debug("envoy served %s instead of %s", served, ticket.address)
             ticket.move_to(served)
@@ -269,9 +292,10 @@ class ExtProcStream:
             resp.restorer = ModelNameRestorer(ctx.target_model, ctx.model)
             if "content-length" in headers and resp.mode is not BodySendMode.BUFFERED:
                 remove.append("content-length")  # the restored name may change the length
+        echo = {TEST_SERVED_HEADER: resp.served} if self._hooks and resp.served else None
         if message.response_headers.end_of_stream:
             self._finish_response()
-        return [responses.response_headers_response(remove=remove)]
+        return [responses.response_headers_response(echo, remove=remove)]
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
         resp = self.ctx.resp
