@@ -205,21 +205,31 @@ class App:
         if self.discovery is None:
             self.discovery = await self._start_kubernetes()
         await self.discovery.sync()  # a bad pool file raises ConfigError here (exit code 2), before any bind
-        self._server = ExtProcServer(
-            self.servicer,
-            address=self.settings.bind_address,
-            port=self.settings.grpc_port,
-            health_port=self.settings.grpc_health_port,
-            tls=self._tls,
-            unix_address=self.settings.grpc_address,
-        )
+        s = self.settings
+        try:
+            self._server = ExtProcServer(
+                self.servicer,
+                address=s.bind_address,
+                port=s.grpc_port,
+                health_port=s.grpc_health_port,
+                tls=self._tls,
+                unix_address=s.grpc_address,
+            )
+        except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken or not ours
+            raise ConfigError(
+                f"cannot listen on {s.bind_address}:{s.grpc_port} (ext_proc) or :{s.grpc_health_port} (health): {exc}"
+            ) from None
         await self.server.start()
         http = web.Application()
         http.router.add_get("/metrics", self._metrics_handler)
         self._metrics_runner = web.AppRunner(http, access_log=None)
         await self._metrics_runner.setup()
-        site = web.TCPSite(self._metrics_runner, self.settings.bind_address, self.settings.metrics_port)
-        await site.start()
+        site = web.TCPSite(self._metrics_runner, s.bind_address, s.metrics_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.server.drain(0)
+            raise ConfigError(f"cannot listen on {s.bind_address}:{s.metrics_port} (metrics): {exc.strerror}") from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.metrics_port = sockets[0].getsockname()[1] if sockets else self.settings.metrics_port

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from epp.config import Settings, load_pool_file, parse_bool, parse_duration
+from epp.domain import FailureMode
 from epp.errors import ConfigError
 
 T = TypeVar("T")
@@ -245,6 +246,13 @@ def _envoy_config(args: argparse.Namespace) -> int:
             mirror_lb=args.mirror_lb or "plain",
         )
     else:
+        if (args.body_mode or "full-duplex") == "full-duplex" and pool_file.pool.failure_mode is FailureMode.FAIL_OPEN:
+            print(
+                "epp: warning: failureMode FailOpen with --body-mode full-duplex: Envoy ignores fail-open once a "
+                "request body has arrived, so with epp down every request with a body fails (500); "
+                "use --body-mode buffered --lb override-host to fail open",
+                file=sys.stderr,
+            )
         boot = render_bootstrap(
             pool_file,
             listen_port=args.listen_port,

@@ -359,3 +359,15 @@ async def test_cert_path_is_loaded_and_served(write_pool, start_app, tmp_path):
     async with grpc.aio.secure_channel(f"localhost:{app.grpc_port}", creds) as ch:
         (r,) = await ExtProcClient(ch).run([request_headers(method="GET", end_of_stream=True)])
     assert set_headers(r)["x-gateway-destination-endpoint"] == A
+
+
+async def test_request_headers_twice_on_one_stream_is_400_and_holds_one_claim_at_most(app, client):
+    call = client.open()
+    (first,) = await client.send(call, request_headers(method="GET", end_of_stream=True), 1)
+    assert set_headers(first)["x-gateway-destination-endpoint"] in (A, B)
+    assert app.datastore.load.total_inflight() == 1
+    (second,) = await client.send(call, request_headers(method="GET", end_of_stream=True), 1)
+    assert second.WhichOneof("response") == "immediate_response"
+    assert second.immediate_response.status.code == 400
+    assert "twice" in orjson.loads(second.immediate_response.body)["error"]["message"]
+    await finish(app, call)  # the stream ends and the one claim it held is released

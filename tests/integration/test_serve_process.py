@@ -117,3 +117,20 @@ async def test_envoy_config_command_writes_a_bootstrap_envoy_accepts(write_pool,
     text = out.read_text()
     assert "ORIGINAL_DST" in text and "BUFFERED" in text and "request_mirror_policies" in text
     await validate(doc)
+
+
+async def test_a_port_in_use_is_one_epp_line_and_exit_2(write_pool):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            *EPP, "serve", "--pool-file", str(write_pool(["127.0.0.1:18001"])), "--grpc-port", "0",
+            "--grpc-health-port", "0", "--metrics-port", str(port), "--bind-address", "127.0.0.1",
+            "--secure-serving=false", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+    assert proc.returncode == 2 and out == b""  # no ready line
+    epp_lines = [line for line in err.decode().splitlines() if line.startswith("epp:")]
+    assert len(epp_lines) == 1 and f":{port} (metrics)" in epp_lines[0] and "Traceback" not in err.decode()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import pytest
+
 from epp.cli import build_parser, main, settings_from
 
 
@@ -67,3 +69,16 @@ def test_logging_works_after_an_in_process_serve(caplog, capsys):
         logging.getLogger("epp.regression").info("still logging")
     assert [r.getMessage() for r in caplog.records] == ["still logging"]
     assert "Logging error" not in capsys.readouterr().err  # what a closed stream gives
+
+
+@pytest.mark.parametrize(("body_mode", "warned"), [(None, True), ("buffered", False)])
+def test_envoy_config_warns_that_full_duplex_cannot_fail_open(tmp_path, capsys, body_mode, warned):
+    from epp.cli import main
+
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("pool: {name: p, failureMode: FailOpen, endpoints: ['127.0.0.1:18001']}\n")
+    argv = ["envoy-config", "--pool-file", str(pool), "--listen-port", "10000", "--epp-address", "127.0.0.1:9002",
+            "-o", str(tmp_path / "envoy.yaml")]
+    assert main(argv + (["--body-mode", body_mode] if body_mode else [])) == 0
+    err = capsys.readouterr().err
+    assert ("ignores fail-open" in err) is warned

@@ -48,9 +48,7 @@ LAYERS: dict[str, set[str]] = {
         "epp.scheduling",
         "epp.supervisor",
     },
-    "epp.cli": {"epp.app", "epp.config", "epp.errors", "epp.demo", "epp.envoy", "epp.mirror_report"} | {
-        "epp.observability"
-    },
+    "epp.cli": {*LEAVES, "epp.app", "epp.config", "epp.demo", "epp.envoy", "epp.mirror_report", "epp.observability"},
     "epp.__main__": {"epp.cli"},
     "epp": set(),
 }

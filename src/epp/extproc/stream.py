@@ -37,7 +37,7 @@ from google.protobuf import json_format
 
 from epp.datalayer import Datastore, InflightTicket
 from epp.domain import InferenceRequest, Pick
-from epp.errors import NoEndpoints, PayloadTooLarge, Rejected
+from epp.errors import BadRequest, NoEndpoints, PayloadTooLarge, Rejected
 from epp.extproc import responses
 from epp.extproc.protocol import BodySendMode, Phase
 from epp.observability.logging import request_id_var
@@ -129,6 +129,7 @@ class ExtProcStream:
         self.finished = False  # an ImmediateResponse was sent: Envoy ends the stream
         self._closed = False
         self._first = True
+        self._seen_headers = False  # one request per stream: one claim, whatever the stream sends
 
     # ---- dispatch ----------------------------------------------------------------------
     def handle(self, message: Any) -> list[Response]:
@@ -158,6 +159,9 @@ class ExtProcStream:
     # ---- request path --------------------------------------------------------------------
     def on_request_headers(self, message: Any) -> list[Response]:
         ctx, req = self.ctx, self.ctx.req
+        if self._seen_headers:  # Envoy never does this; a client talking to the port directly might
+            raise BadRequest("request_headers sent twice on one ext_proc stream")
+        self._seen_headers = True
         req.headers = _header_map(message.request_headers)
         ctx.request_id = req.headers.get(REQUEST_ID_HEADER) or new_request_id()
         request_id_var.set(ctx.request_id)
