@@ -347,3 +347,17 @@ async def test_load_aware_mirroring_sends_copies_to_the_least_loaded_shadow_pod(
             await idle.requests_seen(3)
             await busy.requests_seen(3)  # round-robin ignores load
         print(f"{mode}: busy pod got {busy.requests_received} copies, idle pod {idle.requests_received}")
+
+
+@pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
+async def test_a_pod_that_died_since_the_last_scrape_costs_a_retry_not_a_503(gateway, body_mode):
+    # Envoy's cluster knows pod-1 but nothing listens there any more; epp (scraping off) still
+    # picks it first half the time. The rendered retry policy takes the next address of epp's list.
+    gw = await gateway(n=2, body_mode=body_mode, refresh_metrics_interval=0)
+    dead = gw.upstreams[1]
+    await dead.aclose()
+    for _ in range(10):
+        status, headers, _ = await gw.post(COMPLETION)
+        assert status == 200 and headers["x-served-by"] == "pod-0"
+    await gw.app.servicer.wait_idle()
+    assert gw.app.datastore.load.total_inflight() == 0 and gw.app.datastore.load.inflight(dead.address) == 0

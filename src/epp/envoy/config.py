@@ -116,7 +116,12 @@ def render_bootstrap(
         "@type": _type("extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"),
         "stat_prefix": LISTENER_NAME,
         "access_log": [_access_log(access_log_path or "/dev/stdout")],
-        "route_config": _route_config(pool_cluster, shadow_cluster, route_timeout_s),
+        "route_config": _route_config(
+            pool_cluster, shadow_cluster, route_timeout_s, retry_fallbacks=lb == "override-host"
+        ),
+        # an incomplete request (headers or body that never finish) is dropped after a minute
+        "request_headers_timeout": "10s",
+        "request_timeout": "60s",
         "http_filters": [
             _ext_proc_filter(body_mode, fail_open=pool.failure_mode is FailureMode.FAIL_OPEN),
             {
@@ -266,8 +271,16 @@ def _ext_proc_filter(body_mode: BodyMode, *, fail_open: bool) -> dict[str, Any]:
     }
 
 
-def _route_config(pool_cluster: str, shadow_cluster: str | None, timeout_s: float) -> dict[str, Any]:
-    route: dict[str, Any] = {"cluster": pool_cluster, "timeout": _duration(timeout_s)}
+def _route_config(
+    pool_cluster: str, shadow_cluster: str | None, timeout_s: float, *, retry_fallbacks: bool = False
+) -> dict[str, Any]:
+    # idle_timeout: a pod that stops sending bytes (hung) frees its requests after 2 minutes,
+    # not at the 300 s route timeout; long generations that keep streaming are unaffected.
+    route: dict[str, Any] = {"cluster": pool_cluster, "timeout": _duration(timeout_s), "idle_timeout": "120s"}
+    if retry_fallbacks:
+        # With override_host, a retry takes the next address of epp's list (its fallbacks):
+        # a pod that died since epp's last scrape costs one refused connect, not a 503.
+        route["retry_policy"] = {"retry_on": "connect-failure,refused-stream", "num_retries": 2}
     if shadow_cluster is not None:
         route["request_mirror_policies"] = [
             {
@@ -321,9 +334,7 @@ def _pool_cluster(pool: PoolSpec, name: str, lb: LbMode) -> dict[str, Any]:
     }
 
 
-def _override_host_policy(
-    sources: Sequence[dict[str, Any]] | None = None, served_key: bool = True
-) -> dict[str, Any]:
+def _override_host_policy(sources: Sequence[dict[str, Any]] | None = None, served_key: bool = True) -> dict[str, Any]:
     policy: dict[str, Any] = {
         "policies": [
             {

@@ -271,3 +271,14 @@ def test_plain_mirror_is_round_robin() -> None:
     boot = render_bootstrap(pf, listen_port=1, epp_address="127.0.0.1:9002", mirror_lb="plain")
     shadow = next(c for c in boot["static_resources"]["clusters"] if c["name"] == "s")
     assert shadow["lb_policy"] == "ROUND_ROBIN" and "load_balancing_policy" not in shadow
+
+
+@pytest.mark.parametrize(("lb", "retries"), [("override-host", True), ("original-dst", False)])
+def test_incomplete_requests_and_hung_pods_time_out_and_dead_picks_are_retried(lb, retries):
+    boot = render_bootstrap(pool_file(mirror=False), listen_port=1, epp_address="127.0.0.1:9002", lb=lb)
+    assert (hcm(boot)["request_headers_timeout"], hcm(boot)["request_timeout"]) == ("10s", "60s")
+    assert route(boot)["idle_timeout"] == "120s"
+    # only override_host has a list to retry on; ORIGINAL_DST would dial the same dead address again
+    assert ("retry_policy" in route(boot)) is retries
+    if retries:
+        assert route(boot)["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
