@@ -33,7 +33,7 @@ from epp.extproc.server import ExtProcServer, ExtProcServicer
 from epp.extproc.stream import ExtProcStream
 from epp.extproc.tls import load_cert_dir, self_signed
 from epp.observability.metrics import EppMetrics, PodLoad, PoolCollector, PoolSnapshot
-from epp.routing import Router
+from epp.routing import ADMIN_PATHS, Router
 from epp.scheduling import EndpointPickerConfig, build_scheduler, load_config_file
 from epp.supervisor import Supervisor
 
@@ -79,6 +79,8 @@ class App:
             mirror_scheduler=build_scheduler(MIRROR_PROFILE, self.datastore, rng=rng),
             rng=rng,
             observe_schedule=self.metrics.scheduler_e2e.observe,
+            blocked_paths=() if settings.route_admin_paths else ADMIN_PATHS,
+            trust_model_rewrite_header=settings.trust_model_rewrite_header,
         )
         self.metrics.registry.register(PoolCollector(self._pool_snapshot))
         interval = settings.refresh_metrics_interval

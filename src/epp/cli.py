@@ -105,6 +105,24 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="true|false",
         help="GIE conformance: pick only among test-epp-endpoint-selection, echo x-conformance-test-served-endpoint",
     )
+    p.add_argument(
+        "--trust-model-rewrite-header",
+        type=_arg(parse_bool),
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="true|false",
+        help="honour x-gateway-model-name-rewrite from the request (only if your gateway strips clients' copies)",
+    )
+    p.add_argument(
+        "--route-admin-paths",
+        type=_arg(parse_bool),
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="true|false",
+        help="route model servers' admin paths (/v1/load_lora_adapter, /metrics, ...) instead of answering 403",
+    )
 
 
 def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -202,6 +220,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         log_level=args.log_level,
         log_format=args.log_format,
         conformance_test_hooks=args.conformance_test_hooks,
+        trust_model_rewrite_header=args.trust_model_rewrite_header,
+        route_admin_paths=args.route_admin_paths,
     )
 
 

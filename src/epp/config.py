@@ -239,3 +239,5 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     # GIE conformance test hooks: honour test-epp-endpoint-selection, echo the served endpoint
     conformance_test_hooks: bool = False
+    trust_model_rewrite_header: bool = False
+    route_admin_paths: bool = False

@@ -371,3 +371,15 @@ async def test_request_headers_twice_on_one_stream_is_400_and_holds_one_claim_at
     assert second.immediate_response.status.code == 400
     assert "twice" in orjson.loads(second.immediate_response.body)["error"]["message"]
     await finish(app, call)  # the stream ends and the one claim it held is released
+
+
+@pytest.mark.parametrize(("routed", "status"), [(False, 403), (True, None)])
+async def test_admin_paths_get_403_unless_the_operator_routes_them(write_pool, start_app, client_for, routed, status):
+    app = await start_app(write_pool([A]), refresh_metrics_interval=0, route_admin_paths=routed)
+    replies = await client_for(app).run([request_headers(method="POST", path="/v1/load_lora_adapter",
+                                                         end_of_stream=True)])
+    if status is None:
+        assert set_headers(replies[0])["x-gateway-destination-endpoint"] == A
+    else:
+        assert replies[0].immediate_response.status.code == status
+    assert app.datastore.load.total_inflight() == 0
