@@ -383,3 +383,15 @@ async def test_admin_paths_get_403_unless_the_operator_routes_them(write_pool, s
     else:
         assert replies[0].immediate_response.status.code == status
     assert app.datastore.load.total_inflight() == 0
+
+
+async def test_a_pods_404_asks_for_its_served_models_to_be_read_again(write_pool, start_app, client_for):
+    app = await start_app(write_pool([A]), refresh_metrics_interval=0)
+    client = client_for(app)
+    call = client.open()
+    await client.send(call, request_headers(end_of_stream=False), 0)
+    await client.send(call, request_body(body_of(), end_of_stream=True), 2)  # headers reply + body reply
+    assert not app.datastore.take_served_refresh(A)
+    await client.send(call, response_headers(404), 1)
+    assert app.datastore.take_served_refresh(A) and not app.datastore.take_served_refresh(A)
+    await call.done_writing()

@@ -46,6 +46,7 @@ class Datastore:
         self._routable: tuple[Endpoint, ...] = ()
         self._served: dict[str, frozenset[str]] = {}  # address → models its /v1/models lists
         self._servers: dict[str, frozenset[str]] = {}  # model → addresses listing it
+        self._stale_served: set[str] = set()  # asked to re-read /v1/models (a 404 for a model)
         self.serving_version = 0  # bumped whenever what anyone serves changes (lets callers cache)
         self._listeners: list[Callable[[], None]] = []
         self.metrics_view: Mapping[str, EndpointMetrics] = MappingProxyType(self._metrics)
@@ -210,6 +211,18 @@ class Datastore:
             self._servers[m] = self._servers.get(m, _NONE) | {address}
         if old != new:
             self.serving_version += 1
+
+    def refresh_served_models(self, address: str) -> None:
+        """A pod answered "model not found": ask for its ``/v1/models`` to be read again."""
+        if address in self._by_address:
+            self._stale_served.add(address)
+
+    def take_served_refresh(self, address: str) -> bool:
+        """Whether a re-read of the address's ``/v1/models`` was asked for (and clear the ask)."""
+        if address in self._stale_served:
+            self._stale_served.discard(address)
+            return True
+        return False
 
     def served_models(self, address: str) -> frozenset[str] | None:
         return self._served.get(address)

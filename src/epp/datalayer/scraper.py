@@ -211,7 +211,8 @@ class ScrapeLoops:
         models_due = 0.0
         while True:
             started = time.monotonic()
-            if await scraper.scrape_once() and (scraper.recovered or started >= models_due):
+            refresh = self._store.take_served_refresh(scraper.endpoint.address)
+            if await scraper.scrape_once() and (refresh or scraper.recovered or started >= models_due):
                 await scraper.models_once()
                 models_due = started + self._models_interval
             period = self._interval * (0.9 + 0.2 * self._rng.random())  # ±10 % jitter

@@ -289,6 +289,10 @@ class ExtProcStream:
         headers = _header_map(message.response_headers)
         status = headers.get(":status", "0")
         resp.status = int(status) if status.isdigit() else 0
+        if resp.status == 404 and ctx.request is not None and ctx.ticket is not None:
+            # the pod does not have the model (an adapter unloaded since its last /v1/models read):
+            # have the scraper read its /v1/models again now, so the next requests go elsewhere
+            self._store.refresh_served_models(ctx.ticket.address)
         sse = "text/event-stream" in headers.get("content-type", "") or (ctx.request is not None and ctx.request.stream)
         resp.usage = UsageParser(sse=sse)
         remove: list[str] = []
