@@ -36,10 +36,35 @@ preemptions, rejected (requests the scheduler refused, e.g. `Shed` = 429).
 
 Percentiles are `_stats.percentile` (linear interpolation between closest ranks).
 
+Adversarial workloads (`--workloads`, default `base` = the above): where an approximate
+prefix index (what epp itself sent where) goes wrong. Each replays one seeded trace per load
+under `epp-approx` (epp-default's approximate index) and `epp-precise` (the precise prefix
+scorer on the pods' KV-cache events: every pod publishes vLLM events in virtual time, each
+epp replica's `KVEventIndex` applies them, `--kv-event-lag` after the step that produced
+them):
+
+- `evict`: memory pressure: `EVICT_GROUPS` applications on pods with `EVICT_BLOCKS` KV blocks,
+  so cached system prompts are evicted all the time;
+- `bypass`: 20 % of the requests go to a uniformly random pod without passing through epp;
+- `restart`: every `RESTART_EVERY` s the next pod restarts (empty cache, its running
+  requests start over, its events number from 0 again);
+- `replicas`: two epp replicas share the fleet, each request to one of them at random; each
+  has its own datastore (fed the same scrapes), in-flight tickets, approximate index and, for
+  epp-precise, KV-event index;
+- `adversarial`: evict + bypass + restart at once; `adversarial-2r`: the same with two replicas.
+
+Load is a fraction of the base workload's capacity on every workload, so each replays the
+base trace's arrival rate (`evict`'s trace has more applications, the rest the same
+requests). Rows carry `workload`, `replicas`, `bypass_share`, `restarts`, and for epp-precise
+the subscriber's cost (`kv_us_per_event`: decode + apply, CPU µs per event, summed over
+replicas) and counters (`kv_events`, `kv_resets`, `kv_orphans`, `kv_index_blocks`).
+
     python benchmarks/routing_quality.py --quick          # 3 loads, 100 s traces: ~2.5 min on 2 cores
     python benchmarks/routing_quality.py --quick --json   # JSON lines on stdout, table on stderr
     python benchmarks/routing_quality.py                  # 6 loads up to 0.9, 200 s traces: ~10 min
     python benchmarks/routing_quality.py --quick --out benchmarks/results/routing_quality_quick
+    python benchmarks/routing_quality.py --quick --loads 0.85 \
+        --workloads base,evict,bypass,restart,replicas,adversarial,adversarial-2r
 
 Writes nothing to disk unless `--out PREFIX` is given; then PREFIX.json (run parameters,
 rows, checks), PREFIX.jsonl (the rows, as `--json` prints them) and PREFIX.png (the plot,
@@ -50,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -66,15 +92,77 @@ from typing import Any
 
 from _cli import ArgumentParser, Output, float_list, json_line, non_negative_float, positive_float, positive_int
 from _stats import percentile
-from _workload import BASE_MODEL, PODS, Workload, calibrate_capacity, fleet_configs, make_trace
+from _workload import (
+    BASE_MODEL,
+    PODS,
+    Workload,
+    calibrate_capacity,
+    fleet_configs,
+    make_trace,
+)
 from epp.datalayer import Datastore, InflightTicket
+from epp.datalayer.kvevents import KVEventIndex
 from epp.domain import Endpoint, EndpointMetrics, InferenceRequest, Pool, estimate_tokens
 from epp.errors import Rejected
 from epp.scheduling import build_scheduler
-from epp_sim import Engine, PodSnapshot, Prompt, RequestResult, SimRequest, TraceRequest, VirtualFleet, tokenize
+from epp.scheduling.blockkeys import BlockKeys
+from epp_sim import (
+    Engine,
+    EngineConfig,
+    PodSnapshot,
+    Prompt,
+    RequestResult,
+    SimRequest,
+    TraceRequest,
+    VirtualFleet,
+    tokenize,
+)
 
 EPP_POLICIES = ("random", "round-robin", "least-inflight", "gie-default", "epp-default")
-POLICIES = (*EPP_POLICIES, "oracle")
+EVENT_POLICIES = ("epp-approx", "epp-precise")  # the approximate index vs the pods' KV events
+POLICIES = (*EPP_POLICIES, "oracle", *EVENT_POLICIES)
+BASE_POLICIES = (*EPP_POLICIES, "oracle")  # the default set on the base workload
+PROFILE_OF = {"epp-approx": "epp-default"}  # policy name -> built-in profile, where they differ
+
+EVICT_GROUPS = 96  # applications in the memory-pressure workloads (base: 32)
+EVICT_BLOCKS = 12_000  # KV blocks per pod there (base: 27,793)
+RESTART_EVERY = 8.0  # seconds between pod restarts (round robin over the pods)
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One workload: what goes wrong for an approximate index."""
+
+    groups: int = 32
+    num_gpu_blocks: int = 27_793
+    bypass_share: float = 0.0
+    restart_every: float = 0.0
+    replicas: int = 1
+
+    def workload(self, seed: int) -> Workload:
+        return Workload(groups=self.groups, seed=seed)
+
+    def configs(self) -> list[EngineConfig]:
+        return [dataclasses.replace(c, num_gpu_blocks=self.num_gpu_blocks) for c in fleet_configs(PODS)]
+
+    def faults(self, start: float, end: float) -> list[tuple[float, int, str]]:
+        if self.restart_every <= 0:
+            return []
+        n = int((end - start) / self.restart_every)
+        return [(start + (k + 1) * self.restart_every, k % PODS, "restart") for k in range(n)]
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "base": Scenario(),
+    "evict": Scenario(groups=EVICT_GROUPS, num_gpu_blocks=EVICT_BLOCKS),
+    "bypass": Scenario(bypass_share=0.2),
+    "restart": Scenario(restart_every=RESTART_EVERY),
+    "replicas": Scenario(replicas=2),
+    "adversarial": Scenario(groups=EVICT_GROUPS, num_gpu_blocks=EVICT_BLOCKS, bypass_share=0.2,
+                            restart_every=RESTART_EVERY),
+    "adversarial-2r": Scenario(groups=EVICT_GROUPS, num_gpu_blocks=EVICT_BLOCKS, bypass_share=0.2,
+                               restart_every=RESTART_EVERY, replicas=2),
+}  # fmt: skip
 
 
 class _Drained(Exception):
@@ -129,14 +217,21 @@ class EppRouter:
     in-flight ticket until it finishes.
     """
 
-    def __init__(self, policy: str, run: Run, pods: int, seed: int) -> None:
+    def __init__(self, policy: str, run: Run, pods: int, seed: int, *, kv_events: bool = False) -> None:
         self.now = 0.0
         self.run = run
         self.store = Datastore(clock=self.clock)
         self.endpoints = tuple(Endpoint(f"10.0.0.{i + 1}:8000", f"pod-{i}") for i in range(pods))
         self.store.set_pool(Pool("routing-quality", endpoints=self.endpoints))
         self.index = {e.address: i for i, e in enumerate(self.endpoints)}
-        self.scheduler = build_scheduler(policy, self.store, rng=random.Random(seed))
+        # The KV-event index of this replica, bounded by each pod's cache_config_info (num_gpu_blocks).
+        self.kv_index = (
+            KVEventIndex(BlockKeys(), capacity_of=lambda a: (m.num_blocks if (m := self.store.metrics(a)) else None))
+            if kv_events
+            else None
+        )
+        profile = PROFILE_OF.get(policy, policy)
+        self.scheduler = build_scheduler(profile, self.store, rng=random.Random(seed), kv_index=self.kv_index)
         self._scraped_at = [math.nan] * pods
         self._tickets: dict[str, InflightTicket] = {}
 
@@ -187,6 +282,51 @@ class EppRouter:
         self.now = result.finish
         self._tickets.pop(result.request_id).release()
         self.run.finished(result)
+
+
+class Front:
+    """What stands between the clients and the pods: `replicas` epp replicas, each request to one
+    of them at random, and for `bypass_share` of the requests nothing at all (a uniformly random
+    pod, unseen by epp: another router, a client that found the pod's address). With one replica
+    and no bypass it is exactly that replica (the base workload's policies are unchanged).
+
+    KV events reach every replica's index (each subscribes to every pod, as active-active
+    replicas do); scrapes reach every replica (each reads the fleet's snapshots on its next pick).
+    """
+
+    def __init__(self, replicas: Sequence[EppRouter], run: Run, bypass_share: float, seed: int) -> None:
+        self.replicas = list(replicas)
+        self.run = run
+        self.bypass_share = bypass_share
+        self._rng = random.Random(seed ^ 0x5EED)
+        self._owner: dict[str, EppRouter | None] = {}
+        self.addresses = [e.address for e in self.replicas[0].endpoints]
+
+    def route(self, tr: TraceRequest, pods: Sequence[PodSnapshot], now: float) -> int:
+        if len(self.replicas) == 1 and not self.bypass_share:
+            return self.replicas[0].route(tr, pods, now)
+        if self.bypass_share and self._rng.random() < self.bypass_share:
+            self._owner[tr.request_id] = None
+            return self._rng.randrange(len(pods))
+        replica = self.replicas[self._rng.randrange(len(self.replicas))]
+        self._owner[tr.request_id] = replica
+        return replica.route(tr, pods, now)
+
+    def finished(self, result: RequestResult) -> None:
+        if len(self.replicas) == 1 and not self.bypass_share:
+            self.replicas[0].finished(result)
+            return
+        owner = self._owner.pop(result.request_id)
+        if owner is None:
+            self.run.finished(result)
+        else:
+            owner.finished(result)
+
+    def kv_events(self, pod: int, frames: Sequence[bytes]) -> None:
+        address = self.addresses[pod]
+        for r in self.replicas:
+            if r.kv_index is not None:
+                r.kv_index.apply(address, frames)
 
 
 class OracleRouter:
@@ -304,6 +444,8 @@ class Task:
     scrape_interval: float
     warmup: float
     seed: int
+    scenario: str = "base"
+    kv_event_lag: float = 0.001
 
 
 @lru_cache(maxsize=2)
@@ -314,11 +456,27 @@ def _trace(workload: Workload, rate: float, duration: float) -> tuple[TraceReque
 def run_policy(task: Task) -> dict[str, Any]:
     """Replay the load level's trace under one policy and summarise it."""
     started = time.process_time()
+    scenario = SCENARIOS[task.scenario]
     trace = _trace(task.workload, task.rate, task.duration)
     run = Run(len(trace))
-    router = OracleRouter(run) if task.policy == "oracle" else EppRouter(task.policy, run, PODS, task.seed)
+    precise = task.policy == "epp-precise"
+    router: OracleRouter | Front
+    if task.policy == "oracle":
+        router = OracleRouter(run)
+    else:
+        replicas = [EppRouter(task.policy, run, PODS, task.seed + k, kv_events=precise)
+                    for k in range(scenario.replicas)]  # fmt: skip
+        router = Front(replicas, run, scenario.bypass_share, task.seed)
+    kv_topics = [f"kv@10.0.0.{i + 1}:8000@{BASE_MODEL}" for i in range(PODS)]
     fleet = VirtualFleet(
-        fleet_configs(PODS), router=router.route, scrape_interval=task.scrape_interval, on_finish=router.finished
+        scenario.configs() if task.scenario != "base" else fleet_configs(PODS),
+        router=router.route,
+        scrape_interval=task.scrape_interval,
+        on_finish=router.finished,
+        on_kv_events=router.kv_events if isinstance(router, Front) and precise else None,
+        kv_event_lag=task.kv_event_lag,
+        kv_topics=kv_topics,
+        faults=scenario.faults(trace[0].arrival, trace[-1].arrival),
     )
     if isinstance(router, OracleRouter):
         router.engines = fleet.engines
@@ -326,6 +484,8 @@ def run_policy(task: Task) -> dict[str, Any]:
     with contextlib.suppress(_Drained):
         fleet.run(trace)
     row = summarise(run, fleet.engines, trace, task.warmup)
+    indexes = [r.kv_index for r in router.replicas if r.kv_index is not None] if isinstance(router, Front) else []
+    events = sum(i.stats.events for i in indexes)
     return {
         "bench": "routing_quality",
         "policy": task.policy,
@@ -333,6 +493,15 @@ def run_policy(task: Task) -> dict[str, Any]:
         **row,
         "rate_rps": round(task.rate, 3),
         "cpu_s": round(time.process_time() - started, 2),
+        "workload": task.scenario,
+        "replicas": scenario.replicas if task.policy != "oracle" else 1,
+        "bypass_share": scenario.bypass_share,
+        "restarts": len(scenario.faults(trace[0].arrival, trace[-1].arrival)),
+        "kv_events": events,
+        "kv_us_per_event": sum(i.stats.apply_seconds for i in indexes) / events * 1e6 if events else math.nan,
+        "kv_resets": sum(i.stats.resets for i in indexes),
+        "kv_orphans": sum(i.stats.orphans for i in indexes),
+        "kv_index_blocks": sum(len(i) for i in indexes),
     }
 
 
@@ -391,7 +560,7 @@ def target_checks(rows: Sequence[dict[str, Any]], load: float) -> list[dict[str,
     Throughput must be at least every other real policy's; against the oracle (which knows
     the true state), TTFT p90 and throughput must be within 15 %.
     """
-    at = {r["policy"]: r for r in rows if r["load"] == load}
+    at = {r["policy"]: r for r in rows if r["load"] == load and r["workload"] == "base"}
     epp = at.get("epp-default")
     if epp is None:
         return []
@@ -414,15 +583,40 @@ def target_checks(rows: Sequence[dict[str, Any]], load: float) -> list[dict[str,
     return checks
 
 
+def event_checks(rows: Sequence[dict[str, Any]], load: float) -> list[dict[str, Any]]:
+    """The KV-event targets at one load: on every adversarial workload, epp-precise's TTFT p90 at
+    most half of epp-approx's; two epp-precise replicas within 1.2x of one replica's p90 on the
+    same trace (the workload with `replicas: 1` and otherwise the same scenario)."""
+    at = {(r["workload"], r["policy"]): r for r in rows if r["load"] == load}
+    checks = []
+    for name, sc in SCENARIOS.items():
+        precise, approx = at.get((name, "epp-precise")), at.get((name, "epp-approx"))
+        if name != "base" and precise and approx:
+            value = precise["ttft_p90_s"] / approx["ttft_p90_s"]
+            checks.append({"load": load, "check": f"TTFT p90 epp-precise / epp-approx [{name}]", "ratio": value,
+                           "target": "<= 0.5", "pass": value <= 0.5})  # fmt: skip
+        if sc.replicas > 1:
+            twin = next((n for n, t in SCENARIOS.items() if t == dataclasses.replace(sc, replicas=1)), None)
+            for policy in EVENT_POLICIES:
+                many, one = at.get((name, policy)), at.get((twin, policy)) if twin else None
+                if many and one:
+                    value = many["ttft_p90_s"] / one["ttft_p90_s"]
+                    target = policy == "epp-precise"
+                    checks.append({"load": load, "check": f"TTFT p90 {policy} {sc.replicas} replicas / 1 [{name}]",
+                                   "ratio": value, "target": "<= 1.2" if target else "(none)",
+                                   "pass": value <= 1.2 if target else None})  # fmt: skip
+    return checks
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
-        f"{'policy':<15}{'load':>5}{'req/s':>7}{'TTFT p50':>10}{'p90':>9}{'p99':>9}{'ITL p50':>9}{'p90':>8}"
-        f"{'out tok/s':>10}{'hit%':>6}{'lora':>6}{'preempt':>8}{'429':>5}"
+        f"{'workload':<15}{'policy':<15}{'load':>5}{'req/s':>7}{'TTFT p50':>10}{'p90':>9}{'p99':>9}{'ITL p50':>9}"
+        f"{'p90':>8}{'out tok/s':>10}{'hit%':>6}{'lora':>6}{'preempt':>8}{'429':>5}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['policy']:<15}{r['load']:>5.2f}{r['rate_rps']:>7.1f}"
+            f"{r['workload']:<15}{r['policy']:<15}{r['load']:>5.2f}{r['rate_rps']:>7.1f}"
             f"{r['ttft_p50_s'] * 1e3:>8.0f}ms{r['ttft_p90_s'] * 1e3:>7.0f}ms{r['ttft_p99_s'] * 1e3:>7.0f}ms"
             f"{r['itl_p50_s'] * 1e3:>7.1f}ms{r['itl_p90_s'] * 1e3:>6.1f}ms"
             f"{r['output_tokens_per_s']:>10.0f}{r['prefix_hit_rate'] * 100:>6.1f}{r['lora_swaps']:>6}"
@@ -434,7 +628,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def format_checks(checks: Sequence[dict[str, Any]]) -> str:
     return "\n".join(
         f"load {c['load']:.2f}  {c['check']:<40} {c['ratio']:7.3f}  target {c['target']:<7} "
-        f"{'PASS' if c['pass'] else 'MISS'}"
+        f"{'-' if c['pass'] is None else 'PASS' if c['pass'] else 'MISS'}"
         for c in checks
     )
 
@@ -449,14 +643,14 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
         return False
     fig, (ax_ttft, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.5))
     for policy in POLICIES:
-        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["load"])
+        mine = sorted((r for r in rows if r["policy"] == policy and r["workload"] == "base"), key=lambda r: r["load"])
         if not mine:
             continue
         loads = [r["load"] for r in mine]
         style = {"linewidth": 2.5} if policy == "epp-default" else {"linestyle": "--"} if policy == "oracle" else {}
         ax_ttft.plot(loads, [r["ttft_p90_s"] for r in mine], marker="o", label=policy, **style)
         ax_tput.plot(loads, [r["output_tokens_per_s"] for r in mine], marker="o", label=policy, **style)
-    offered = sorted({r["load"]: r["offered_tokens_per_s"] for r in rows}.items())
+    offered = sorted({r["load"]: r["offered_tokens_per_s"] for r in rows if r["workload"] == "base"}.items())
     ax_tput.plot([x for x, _ in offered], [y for _, y in offered], color="grey", linestyle=":", label="offered")
     ax_tput.legend()
     ax_ttft.set(xlabel="load (fraction of fleet capacity)", ylabel="TTFT p90 (s)", yscale="log", title="TTFT p90")
@@ -487,6 +681,15 @@ def _policies(text: str) -> list[str]:
     return names
 
 
+def _workloads(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown workloads {', '.join(unknown) or '(none given)'} "
+                                         f"(choose from {', '.join(SCENARIOS)})")
+    return list(dict.fromkeys(names))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="loads 0.5,0.7,0.85, 100 s of arrivals (< 5 min, 2 cores)")
@@ -494,8 +697,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loads", type=_loads, help="fractions of capacity (default 0.3,0.5,0.7,0.8,0.85,0.9)")
     p.add_argument("--duration", type=positive_float,
                    help="seconds of arrivals per trace (default 200; 100 with --quick)")
-    p.add_argument("--policies", type=_policies, default=list(POLICIES),
-                   help="comma-separated subset of: " + ", ".join(POLICIES))
+    p.add_argument("--policies", type=_policies, default=None,
+                   help="comma-separated subset of: " + ", ".join(POLICIES) + " (default: on base "
+                   + ", ".join(BASE_POLICIES) + ", plus epp-approx and epp-precise when other workloads "
+                   "run; on the others epp-approx and epp-precise)")
+    p.add_argument("--workloads", type=_workloads, default=["base"],
+                   help="comma-separated subset of: " + ", ".join(SCENARIOS) + " (default base)")
+    p.add_argument("--kv-event-lag", type=non_negative_float, default=0.001,
+                   help="seconds from the step that produced a KV event to the replicas applying it (0.001)")
     p.add_argument("--capacity", type=positive_float, help="fleet capacity in requests/s (skips the calibration run)")
     p.add_argument("--scrape-interval", type=positive_float, default=0.05,
                    help="seconds between metric scrapes (0.05)")
@@ -529,11 +738,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{Path(sys.argv[0]).name}: error: at load {args.loads[0]:g} the {args.duration:g} s trace has "
               f"{len(sparsest)} arrivals, none after --warmup {args.warmup:g} s", file=sys.stderr)
         return 2
-    tasks = [
-        Task(policy, load, load * capacity, args.duration, workload, args.scrape_interval, args.warmup, args.seed)
-        for load in args.loads
-        for policy in args.policies
-    ]
+    tasks = []
+    for name in args.workloads:
+        wl = SCENARIOS[name].workload(args.seed)
+        if args.policies is not None:
+            policies = args.policies
+        elif name == "base":
+            policies = [*BASE_POLICIES, *(EVENT_POLICIES if len(args.workloads) > 1 else ())]
+        else:
+            policies = list(EVENT_POLICIES)
+        tasks += [
+            Task(policy, load, load * capacity, args.duration, wl, args.scrape_interval, args.warmup,
+                 args.seed, name, args.kv_event_lag)
+            for load in args.loads
+            for policy in policies
+        ]  # fmt: skip
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(run_policy, tasks))
     for row in rows:
@@ -541,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.row(row)
     say(format_table(rows))
     checks = [c for load in args.loads if load >= min(0.85, args.loads[-1]) for c in target_checks(rows, load)]
+    checks += [c for load in args.loads for c in event_checks(rows, load)]
     say("\ntargets (computed from the rows above):\n" + format_checks(checks))
     if args.out is not None:
         write_results(args.out, args, workload, capacity, rows, checks, time.monotonic() - started, say)

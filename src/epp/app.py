@@ -66,12 +66,17 @@ class App:
         profile: str | EndpointPickerConfig = settings.scheduling_profile
         if settings.config_file:
             profile = load_config_file(settings.config_file)
+        self.kv_index: Any = None  # epp.datalayer.kvevents.KVEventIndex with --kv-events-port
+        self.kv_subscriber: Any = None
+        if settings.kv_events_port:
+            self._setup_kv_events()
         scheduler = build_scheduler(
             profile,
             self.datastore,
             rng=rng,
             max_endpoints=1 + settings.max_fallback_endpoints,
             observe=self.metrics.observe_plugin,
+            kv_index=self.kv_index,
         )
         self.router = Router(
             self.datastore,
@@ -102,6 +107,22 @@ class App:
         self._metrics_runner: web.AppRunner | None = None
         self.metrics_port = 0
         self._closed = False
+
+    def _setup_kv_events(self) -> None:
+        """The KV-event index (what each pod's cache holds, from its events) and its subscriber."""
+        from epp.datalayer.kvevents import KVEventIndex, KVEventSubscriber, port_endpoint, topic_prefix
+        from epp.scheduling.blockkeys import BlockKeys
+
+        def capacity_of(address: str) -> int | None:
+            m = self.datastore.metrics(address)
+            return (m.num_blocks or None) if m is not None else None
+
+        self.kv_index = KVEventIndex(BlockKeys(), capacity_of=capacity_of)
+        self.kv_subscriber = KVEventSubscriber(
+            self.kv_index,
+            port_endpoint(self.settings.kv_events_port),
+            topic_of=topic_prefix(self.settings.kv_events_topic_template),
+        )
 
     @property
     def server(self) -> ExtProcServer:
@@ -239,6 +260,10 @@ class App:
         await self.server.set_serving(self.serving)
         self.supervisor.spawn("health", self._follow_health)
         self.supervisor.spawn("discovery", self.discovery.run)
+        if (sub := self.kv_subscriber) is not None:  # one SUB socket per pod, following membership
+            self.datastore.on_change(lambda: sub.follow(self.datastore.all_endpoints()))
+            sub.follow(self.datastore.all_endpoints())
+            self.supervisor.spawn("kv-events", sub.run)
         if self.elector is not None:
             self.supervisor.spawn("leader-election", self.elector.run)
         if self.settings.refresh_metrics_interval > 0:  # 0 turns scraping off (non-vLLM backends, benchmarks)
@@ -277,6 +302,8 @@ class App:
             await self._server.drain(self.settings.drain_timeout if timeout is None else timeout)
         self.scrapers.close()
         await self.supervisor.aclose()  # a held Lease is released here (the elector's run is cancelled)
+        if self.kv_subscriber is not None:
+            self.kv_subscriber.close()
         if self._kube_api is not None:
             await self._kube_api.close()
         if self._metrics_runner is not None:

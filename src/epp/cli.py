@@ -106,6 +106,18 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="GIE conformance: pick only among test-epp-endpoint-selection, echo x-conformance-test-served-endpoint",
     )
     p.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="subscribe to each pod's vLLM KV-cache events on this port (ZMQ; 0 = off); use with epp-precise",
+    )
+    p.add_argument(
+        "--kv-events-topic-template",
+        default="kv@{address}@",
+        help="topic prefix per pod ({address} = ip:port of the pod's endpoint)",
+    )
+    p.add_argument(
         "--trust-model-rewrite-header",
         type=_arg(parse_bool),
         nargs="?",
@@ -221,6 +233,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         log_format=args.log_format,
         conformance_test_hooks=args.conformance_test_hooks,
         trust_model_rewrite_header=args.trust_model_rewrite_header,
+        kv_events_port=args.kv_events_port,
+        kv_events_topic_template=args.kv_events_topic_template,
         route_admin_paths=args.route_admin_paths,
     )
 

@@ -240,4 +240,6 @@ class Settings:
     # GIE conformance test hooks: honour test-epp-endpoint-selection, echo the served endpoint
     conformance_test_hooks: bool = False
     trust_model_rewrite_header: bool = False
+    kv_events_port: int = 0  # 0: no KV-event subscription
+    kv_events_topic_template: str = "kv@{address}@"
     route_admin_paths: bool = False

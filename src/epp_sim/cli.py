@@ -7,6 +7,13 @@ SIGTERM or SIGINT, then close every pod and exit 0.
 Output contract (stdout, flushed, one line per pod, in pod order)::
 
     epp-sim pod pod-0 listening on 127.0.0.1:8001
+
+With `--kv-events-endpoint`, each pod's line is followed by one more::
+
+    epp-sim pod pod-0 kv-events on tcp://127.0.0.1:5557 topic kv@127.0.0.1:8001@/model/llama2
+
+Pod `i` binds the endpoint's port + `i` (vLLM offsets its data-parallel ranks the same way);
+port 0 lets the OS choose for each pod.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import orjson
 import uvloop
 
 from epp_sim.domain import EngineConfig
+from epp_sim.kvevents import FORMATS
 from epp_sim.metrics import METRICS_FORMATS
 from epp_sim.profiles import PROFILES, get_profile
 from epp_sim.server import DEFAULT_LORA_MODULES, LoraModule, PodConfig, SimFleet
@@ -72,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=sorted(PROFILES), default="h100-8b")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-format", choices=METRICS_FORMATS, default="vllm-0.33")
+    p.add_argument(
+        "--kv-events-endpoint",
+        default=None,
+        help="publish vLLM KV-cache events on this ZMQ endpoint (bound), e.g. tcp://127.0.0.1:5557; default: off",
+    )
+    p.add_argument(
+        "--kv-events-topic",
+        default="kv@{address}@{model}",
+        help="topic template: {address} (host:port), {name}, {model} (default kv@{address}@{model})",
+    )
+    p.add_argument(
+        "--kv-events-format",
+        choices=FORMATS,
+        default="map",
+        help="map: events as tagged maps (vLLM since PR #42892); array: the older positional form",
+    )
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -95,6 +119,9 @@ def pod_config(args: argparse.Namespace) -> PodConfig:
         engine=engine,
         metrics_format=args.metrics_format,
         seed=args.seed,
+        kv_events_endpoint=args.kv_events_endpoint,
+        kv_events_topic=args.kv_events_topic,
+        kv_events_form=args.kv_events_format,
     )
 
 
@@ -110,6 +137,9 @@ async def serve(config: PodConfig, pods: int, host: str, port: int, name_prefix:
     try:
         for pod in fleet.pods:
             sys.stdout.write(f"epp-sim pod {pod.name} listening on {pod.host}:{pod.port}\n")
+            if pod.kv_events is not None:
+                kv = pod.kv_events
+                sys.stdout.write(f"epp-sim pod {pod.name} kv-events on {kv.endpoint} topic {kv.topic}\n")
         sys.stdout.flush()
         await stop.wait()
     finally:

@@ -123,6 +123,21 @@ class Engine:
         req.finish_time = now
         self.version += 1
 
+    def restart(self) -> None:
+        """The pod's process restarted: an empty prefix cache and no adapter loaded.
+
+        Every running request starts over from the front of the waiting queue (as if its
+        client retried on the same address at once; counted as a preemption) and the step in
+        flight completes nothing.  The cache is dropped without an event: a new process
+        announces nothing, its events simply start again from sequence number 0.
+        """
+        for req in reversed(self.running):
+            self._preempt(req)
+        self.running = []
+        self._loras.clear()
+        self.kv.clear(publish=False)
+        self.version += 1
+
     def next_event_time(self) -> float | None:
         """When `advance` next has something to do, or None if idle with nothing queued."""
         if self._batch is not None:
@@ -294,7 +309,7 @@ class Engine:
                 continue  # aborted during the step
             req.num_computed += n
             if req.blocks.registered < len(req.prompt.block_hashes):
-                kv.commit(req.blocks, req.prompt.block_hashes, req.num_computed)
+                kv.commit(req.blocks, req.prompt.block_hashes, req.num_computed, req.prompt, req.adapter)
             if req.num_computed < req.prompt.num_tokens + req.num_output:
                 continue
             req.num_output += 1

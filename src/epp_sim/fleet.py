@@ -11,6 +11,14 @@ requests, so policies and loads can be swept quickly.
 Event order at equal times: arrivals, then step ends, then scrapes, so requests arriving
 together are batched together and a scrape sees the state after the step it coincides with.
 
+KV-cache events (`on_kv_events=`): each pod's prefix cache publishes vLLM KV events exactly as
+a real-time pod does (`kvevents.py`: three frames, consecutive sequence numbers per pod, one
+batch per engine step, stamped with the virtual time), delivered to the callback
+`kv_event_lag` seconds of virtual time after the step that produced them.  `faults=` injects
+`(time, pod, kind)` events: `"restart"` (`Engine.restart`: empty cache, running requests start
+over, sequence numbers from 0 again, no event) or `"clear"` (a prefix-cache reset, published as
+`AllBlocksCleared`; skipped while requests hold cached blocks).
+
 Invariants: `run` is deterministic for a given trace, configs and router; a router sees
 scraped state only (when `scrape_interval` is set) or the live state (when it is None).
 """
@@ -19,11 +27,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from epp_sim.domain import EngineConfig, SimRequest
 from epp_sim.engine import Engine
+from epp_sim.kvevents import EventLog, encode_batch, frames
 from epp_sim.tokenizer import tokenize
 
 __all__ = [
@@ -36,7 +45,10 @@ __all__ = [
     "round_robin",
 ]
 
-_ARRIVAL, _STEP, _SCRAPE = 0, 1, 2
+_ARRIVAL, _STEP, _SCRAPE, _KV, _FAULT = 0, 1, 2, 3, 4
+
+KVEventsHook = Callable[[int, Sequence[bytes]], None]  # pod index, the message's three frames
+FAULTS = ("restart", "clear")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +156,11 @@ class VirtualFleet:
         scrape_interval: float | None = None,
         on_finish: Callable[[RequestResult], None] | None = None,
         names: Sequence[str] | None = None,
+        on_kv_events: KVEventsHook | None = None,
+        kv_event_lag: float = 0.0,
+        kv_topics: Sequence[str] | None = None,
+        kv_event_form: str = "map",
+        faults: Iterable[tuple[float, int, str]] = (),
     ) -> None:
         if not configs:
             raise ValueError("a fleet needs at least one pod")
@@ -152,6 +169,18 @@ class VirtualFleet:
         self._router = router
         self._scrape_interval = scrape_interval
         self._on_finish = on_finish
+        self._faults = sorted(faults)
+        for _, pod, kind in self._faults:
+            if kind not in FAULTS or not 0 <= pod < len(self.engines):
+                raise ValueError(f"bad fault {kind!r} on pod {pod}")
+        self._on_kv = on_kv_events
+        self._kv_lag = kv_event_lag
+        self._kv_form = kv_event_form
+        self._kv_topics = [t.encode() for t in (kv_topics or [f"kv@{n}@" for n in self.names])]
+        self._kv_seq = [0] * len(self.engines)
+        if on_kv_events is not None:
+            for engine in self.engines:
+                engine.kv.events = EventLog()
         self._snapshots = [self._snapshot(i, 0.0) for i in range(len(self.engines))]
         self._versions = [-1] * len(self.engines)
 
@@ -172,6 +201,20 @@ class VirtualFleet:
             num_gpu_blocks=cfg.num_gpu_blocks,
             updated_at=now,
         )
+
+    def _publish(self, i: int, now: float, heap: list[tuple[float, int, int, int]], seq: Iterator[int],
+                 pending: dict[int, tuple[int, list[bytes]]]) -> None:  # fmt: skip
+        log = self.engines[i].kv.events
+        if log is None or not log.events or self._on_kv is None:
+            return
+        msg = frames(self._kv_topics[i], self._kv_seq[i], encode_batch(now, log.drain(), 0, self._kv_form))
+        self._kv_seq[i] += 1
+        if self._kv_lag <= 0:
+            self._on_kv(i, msg)
+            return
+        k = next(seq)
+        pending[k] = (i, msg)
+        heapq.heappush(heap, (now + self._kv_lag, _KV, k, k))
 
     def _view(self, now: float) -> list[PodSnapshot]:
         if self._scrape_interval is None:
@@ -196,6 +239,9 @@ class VirtualFleet:
                 first = arrivals[0].arrival + self._scrape_interval * i / n
                 heapq.heappush(heap, (first, _SCRAPE, next(seq), i))
         outstanding = len(arrivals)
+        messages: dict[int, tuple[int, list[bytes]]] = {}
+        for k, (t, _, _) in enumerate(self._faults):
+            heapq.heappush(heap, (t, _FAULT, next(seq), k))
 
         def schedule(i: int) -> None:
             t = self.engines[i].next_event_time()
@@ -230,8 +276,25 @@ class VirtualFleet:
                         outstanding -= 1
                         if self._on_finish is not None:
                             self._on_finish(result)
+                self._publish(x, now, heap, seq, messages)
                 if self.engines[x].busy:  # idle, or stuck until the next arrival
                     schedule(x)
+            elif kind == _KV:
+                pod, msg = messages.pop(x)
+                if self._on_kv is not None:
+                    self._on_kv(pod, msg)
+            elif kind == _FAULT:
+                _, pod, what = self._faults[x]
+                engine = self.engines[pod]
+                if what == "restart":
+                    engine.restart()
+                    self._kv_seq[pod] = 0
+                    if engine.kv.events is not None:
+                        engine.kv.events.drain()  # a new process: nothing of the old one is sent
+                else:
+                    engine.kv.clear()
+                self._publish(pod, now, heap, seq, messages)
+                schedule(pod)
             else:
                 self._snapshots[x] = self._snapshot(x, now)
                 if outstanding > 0 and self._scrape_interval is not None:

@@ -13,6 +13,12 @@ Model (after vLLM's V1 `BlockPool`, simplified to counts and hashes):
 - Free blocks = usable - referenced; evictable cached blocks count as free, so usage can be
   low while the cache still holds valuable prefixes (as in vLLM's `kv_cache_usage_perc`).
 
+Events (vLLM KV-cache events, `kvevents.py`): with an `EventLog` in `events`, every block
+`commit` registers is reported as `BlockStored` (one event per contiguous run, naming the
+parent of its first block and carrying the blocks' token ids), every cached block `_take`
+evicts as `BlockRemoved`, and `clear()` as `AllBlocksCleared`.  So the log is exactly the
+history of the prefix table: replaying it gives the set of cached hashes.
+
 Invariants: `0 <= used <= usable`; every hash in `_lru` has reference count 0 and every
 hash with count 0 is in `_lru`; a request's blocks = `len(table.held) + table.private`.
 """
@@ -22,6 +28,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from epp_sim.kvevents import EventLog
+from epp_sim.tokenizer import Prompt, block_token_ids
 
 __all__ = ["BlockTable", "KVCache"]
 
@@ -51,6 +60,7 @@ class KVCache:
         self.used = 0
         self._ref: dict[int, int] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self.events: EventLog | None = None
 
     @property
     def usage(self) -> float:
@@ -108,18 +118,59 @@ class KVCache:
         table.private += need
         return True
 
-    def commit(self, table: BlockTable, hashes: Sequence[int], num_computed: int) -> None:
-        """Publish the request's fully computed prompt blocks as reusable prefixes."""
+    def commit(
+        self,
+        table: BlockTable,
+        hashes: Sequence[int],
+        num_computed: int,
+        prompt: Prompt | None = None,
+        lora: str | None = None,
+    ) -> None:
+        """Publish the request's fully computed prompt blocks as reusable prefixes.
+
+        `prompt` and `lora` only feed the events (token ids, `lora_name`)."""
         full = min(len(hashes), num_computed // self.block_size)
         ref = self._ref
+        log = self.events
+        run_start = table.registered
         while table.registered < full:
-            h = hashes[table.registered]
+            k = table.registered
+            h = hashes[k]
             table.registered += 1
             if h in ref:
-                continue  # another request cached it first: ours stays a private duplicate
+                # another request cached it first: ours stays a private duplicate
+                if log is not None:
+                    self._stored(log, hashes, run_start, k, prompt=prompt, lora=lora)
+                    run_start = k + 1
+                continue
             ref[h] = 1
             table.held.append(h)
             table.private -= 1
+        if log is not None:
+            self._stored(log, hashes, run_start, table.registered, prompt=prompt, lora=lora)
+
+    def _stored(
+        self, log: EventLog, hashes: Sequence[int], start: int, stop: int, *, prompt: Prompt | None, lora: str | None
+    ) -> None:
+        if stop <= start:
+            return
+        bs = self.block_size
+        tokens: list[int] = []
+        if prompt is not None:
+            for k in range(start, stop):
+                tokens.extend(block_token_ids(prompt, k, bs))
+        log.stored(hashes[start:stop], hashes[start - 1] if start > 0 else None, tokens, bs, lora)
+
+    def clear(self, *, publish: bool = True) -> bool:
+        """Drop every cached block (vLLM's prefix-cache reset); False, and nothing done, while a
+        request still references one.  `publish=False`: a process restart, which sends no event."""
+        if len(self._lru) != len(self._ref):
+            return False
+        self._ref.clear()
+        self._lru.clear()
+        if publish and self.events is not None:
+            self.events.cleared()
+        return True
 
     def free(self, table: BlockTable) -> None:
         """Release every block of `table`; its cached blocks stay reusable."""
@@ -138,7 +189,13 @@ class KVCache:
 
     def _take(self, n: int) -> None:
         spare = self.usable - self.used - len(self._lru)
-        for _ in range(n - spare):
-            h, _ = self._lru.popitem(last=False)
-            del self._ref[h]
+        evict = n - spare
+        if evict > 0:
+            gone = []
+            for _ in range(evict):
+                h, _ = self._lru.popitem(last=False)
+                del self._ref[h]
+                gone.append(h)
+            if self.events is not None:
+                self.events.removed(gone)
         self.used += n

@@ -144,6 +144,10 @@ class EngineRunner:
         self._running.set()
         self._wake.set()
 
+    def wake(self) -> None:
+        """The engine changed outside a step (e.g. `Engine.restart`): look at it again."""
+        self._wake.set()
+
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()

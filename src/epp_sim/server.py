@@ -8,6 +8,14 @@ and `pod.completed` (finished requests with their engine timings).
     async with SimFleet(PodConfig(engine=EngineConfig(profile=FAST)), pods=3) as fleet:
         url = fleet.pods[0].url          # bound on 127.0.0.1, port chosen by the OS
 
+KV-cache events (`PodConfig.kv_events_endpoint`, e.g. `tcp://127.0.0.1:0`): the pod binds a
+ZMQ publisher there (`kvevents.KVEventPublisher`) and, after every engine step that changed its
+prefix cache, publishes one vLLM `EventBatch` on the topic `kv_events_topic` (a template:
+`{address}` = the pod's `host:port`, `{name}`, `{model}` = the first served name; default
+`kv@{address}@{model}`, llm-d's convention).  `pod.kv_events` is the publisher (`endpoint`,
+`seq`, `await subscribed(n)`); `await pod.restart()` imitates a process restart on the same
+addresses (empty cache, sequence numbers from 0).
+
 Invariants: a pod binds its socket itself (port 0 → OS-chosen) and reports the bound port;
 `aclose()` is idempotent and aborts in-flight requests; every response carries `x-sim-pod`.
 """
@@ -27,6 +35,7 @@ from aiohttp import web
 from epp_sim.domain import EngineConfig, SimRequest
 from epp_sim.engine import Engine, StepOutput
 from epp_sim.handlers import OpenAIHandlers
+from epp_sim.kvevents import EventLog, KVEventPublisher
 from epp_sim.metrics import MetricsOverride, PodMetrics
 from epp_sim.realtime import EngineRunner
 
@@ -61,6 +70,9 @@ class PodConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     metrics_format: str = "vllm-0.33"
     seed: int = 0
+    kv_events_endpoint: str | None = None  # ZMQ endpoint to bind, e.g. tcp://127.0.0.1:5557 (None: no events)
+    kv_events_topic: str = "kv@{address}@{model}"
+    kv_events_form: str = "map"  # vLLM's current map-encoded events, or "array" (older releases)
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -104,6 +116,7 @@ class SimPod:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.runner = EngineRunner(self.engine, on_step=self._on_step, on_change=self._on_change)
         self._web: web.AppRunner | None = None
+        self.kv_events: KVEventPublisher | None = None
         self._closed = False
 
     @property
@@ -133,9 +146,37 @@ class SimPod:
             raise
         self.host = host
         self.port = sock.getsockname()[1]
+        if self.config.kv_events_endpoint is not None:
+            try:
+                self._start_kv_events(self.config.kv_events_endpoint)
+            except BaseException:
+                await self._web.cleanup()
+                raise
         self.runner.start()
         self.metrics.update(self.engine.state())
         return self.port
+
+    def _start_kv_events(self, endpoint: str) -> None:
+        topic = self.config.kv_events_topic.format(
+            address=self.address, name=self.name, model=self.config.served_names[0]
+        )
+        self.kv_events = KVEventPublisher(endpoint, topic, form=self.config.kv_events_form)
+        self.kv_events.start()
+        if self.engine.kv.events is None:
+            self.engine.kv.events = EventLog()
+
+    async def restart(self) -> None:
+        """Imitate a process restart on the same addresses: the engine restarts (`Engine.restart`),
+        the KV-event publisher is bound anew, its sequence numbers starting again from 0."""
+        self.engine.restart()
+        if self.kv_events is not None:
+            endpoint = self.kv_events.endpoint
+            await self.kv_events.aclose()
+            if self.engine.kv.events is not None:
+                self.engine.kv.events.drain()
+            self._start_kv_events(endpoint)
+        self.runner.wake()
+        self._on_change()
 
     async def aclose(self) -> None:
         """Stop serving; in-flight requests finish with reason `abort`."""
@@ -145,6 +186,8 @@ class SimPod:
         await self.runner.aclose()
         if self._web is not None:
             await self._web.cleanup()
+        if self.kv_events is not None:
+            await self.kv_events.aclose()
         for _, fut in self._seen_waiters:
             if not fut.done():
                 fut.cancel()
@@ -200,11 +243,24 @@ class SimPod:
 
     def _on_change(self) -> None:
         self.metrics.update(self.engine.state())
+        log = self.engine.kv.events
+        if self.kv_events is not None and log is not None and log.events:
+            self.kv_events.publish(log.drain())
         if self._idle_waiters and not self.engine.waiting and not self.engine.running:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+
+
+def _offset(endpoint: str | None, i: int) -> str | None:
+    """`tcp://host:port` with port + i (port 0 or `*`: unchanged, the OS chooses for each)."""
+    if endpoint is None or i == 0:
+        return endpoint
+    head, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or int(port) == 0:
+        return endpoint
+    return f"{head}:{int(port) + i}"
 
 
 class SimFleet:
@@ -222,7 +278,12 @@ class SimFleet:
     ) -> None:
         base = config or PodConfig()
         if configs is None:
-            configs = [dataclasses.replace(base, name=f"{name_prefix}-{i}") for i in range(pods)]
+            configs = [
+                dataclasses.replace(
+                    base, name=f"{name_prefix}-{i}", kv_events_endpoint=_offset(base.kv_events_endpoint, i)
+                )
+                for i in range(pods)
+            ]
         self.pods = [SimPod(c) for c in configs]
         self._host = host
         self._port = port

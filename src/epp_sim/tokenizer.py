@@ -7,6 +7,9 @@ text a generated token reads as.
   `block_size`-token block covers bytes `[4*block_size*k, 4*block_size*(k+1))`. Only blocks
   whose bytes are all present are hashed (vLLM hashes full blocks only).
 - Token ids (completions `prompt: [1, 2, 3]`): one token per id; blocks of `block_size` ids.
+- Token ids (what KV events carry): token `i` of a text prompt is its bytes `[4i, 4i+4)` read
+  as a little-endian uint32 (`block_token_ids`), so ids are a pure function of the text and
+  a consumer packing them back as `<I` gets the text's bytes. Id prompts keep their ids.
 - Hashes are chained as in vLLM: `h_k = xxh3_64(block_k, seed=h_{k-1})`; the chain starts at
   a hash of the extra keys (LoRA adapter name and `cache_salt`), so adapters and salts never
   share cache blocks.
@@ -17,12 +20,13 @@ process and run; a prompt that extends another shares its leading block hashes.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import xxhash
 
-__all__ = ["BYTES_PER_TOKEN", "Prompt", "count_tokens", "generated_text", "tokenize", "tokenize_ids"]
+__all__ = ["BYTES_PER_TOKEN", "Prompt", "block_token_ids", "count_tokens", "generated_text", "tokenize", "tokenize_ids"]
 
 BYTES_PER_TOKEN = 4
 
@@ -43,6 +47,16 @@ class Prompt:
 
     num_tokens: int
     block_hashes: tuple[int, ...]
+    # What the tokens are made of: the text's UTF-8 bytes, or the ids of an id prompt.
+    source: bytes | tuple[int, ...] = field(default=(), compare=False, repr=False)
+
+
+def block_token_ids(prompt: Prompt, k: int, block_size: int) -> tuple[int, ...]:
+    """The token ids of full block `k` of `prompt` (see the module docstring)."""
+    src = prompt.source
+    if isinstance(src, bytes):
+        return struct.unpack_from(f"<{block_size}I", src, k * block_size * BYTES_PER_TOKEN)
+    return tuple(src[k * block_size : (k + 1) * block_size])
 
 
 def _root(adapter: str | None, cache_salt: str | None) -> int:
@@ -63,7 +77,7 @@ def tokenize(text: str, block_size: int, adapter: str | None = None, cache_salt:
     for start in range(0, len(data) - span + 1, span):
         h = xxhash.xxh3_64_intdigest(data[start : start + span], seed=h)
         hashes.append(h)
-    return Prompt(max(1, -(-len(data) // BYTES_PER_TOKEN)), tuple(hashes))
+    return Prompt(max(1, -(-len(data) // BYTES_PER_TOKEN)), tuple(hashes), data)
 
 
 def tokenize_ids(
@@ -75,7 +89,7 @@ def tokenize_ids(
     for start in range(0, len(ids) - block_size + 1, block_size):
         h = xxhash.xxh3_64_intdigest(repr(list(ids[start : start + block_size])).encode(), seed=h)
         hashes.append(h)
-    return Prompt(max(1, len(ids)), tuple(hashes))
+    return Prompt(max(1, len(ids)), tuple(hashes), tuple(ids))
 
 
 def generated_text(seed: int, start: int, stop: int) -> str:

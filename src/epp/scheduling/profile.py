@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from epp.errors import ConfigError
 from epp.scheduling.base import Filter, Picker, Scorer
+from epp.scheduling.blockkeys import TOKENIZERS, BlockKeys
 from epp.scheduling.filters import FreshMetricsFilter
 from epp.scheduling.pickers import MaxScorePicker, RandomPicker, RoundRobinPicker, WeightedRandomPicker
 from epp.scheduling.saturation import UtilizationDetector
@@ -51,6 +52,7 @@ from epp.scheduling.scorers import (
     InflightLoadScorer,
     KvCacheScorer,
     LoraAffinityScorer,
+    PrecisePrefixCacheScorer,
     PrefixCacheScorer,
     QueueScorer,
     RunningRequestsScorer,
@@ -128,9 +130,23 @@ def _num(params: dict[str, Any], key: str, default: float, *, minimum: float = 0
     return float(value)
 
 
-def _guarded(inner: PrefixCacheScorer | LoraAffinityScorer, params: dict[str, Any]) -> Scorer:
+def _guarded(
+    inner: PrefixCacheScorer | LoraAffinityScorer | PrecisePrefixCacheScorer, params: dict[str, Any]
+) -> Scorer:
     cap = _num(params, "affinityMaxExtraLoad", 0.0)
     return GuardedAffinityScorer(inner, max_extra_load=cap) if cap > 0 else inner
+
+
+def _precise(name: str, params: dict[str, Any]) -> PrecisePrefixCacheScorer:
+    """``precise-prefix-cache-scorer``: ``tokenizer`` (``utf8-quad``), ``maxPrefixBlocksToMatch``
+    (256), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
+    is bound by ``build_scheduler(kv_index=...)``.  (No hash seed: keys are epp's own, computed
+    from token ids on both sides, so vLLM's ``PYTHONHASHSEED`` does not matter to them.)"""
+    tokenizer = params.get("tokenizer", "utf8-quad")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"parameter tokenizer must be one of {', '.join(sorted(TOKENIZERS))}, got {tokenizer!r}")
+    keys = BlockKeys(TOKENIZERS[tokenizer](), max_blocks=int(_num(params, "maxPrefixBlocksToMatch", 256, minimum=1)))
+    return PrecisePrefixCacheScorer(keys=keys, name=name)
 
 
 # type → (kind, constructor(name, parameters, rng))
@@ -175,6 +191,7 @@ _PLUGINS: dict[str, tuple[str, Constructor]] = {
             headroom=_num(p, "headroom", 0.0),
         ),
     ),
+    "precise-prefix-cache-scorer": ("scorer", lambda n, p, r: _guarded(_precise(n, p), p)),
 }
 
 
@@ -220,7 +237,8 @@ def build_profile(config: EndpointPickerConfig, rng: random.Random, source: str 
         kind, plugin, pspec = instances[ref.plugin_ref]
         if kind == "scorer":
             profile.scorers.append((plugin, 1.0 if ref.weight is None else ref.weight))
-            if pspec.type == "prefix-cache-scorer":
+            # the precise scorer falls back on the approximate index, which needs the same settings
+            if pspec.type in ("prefix-cache-scorer", "precise-prefix-cache-scorer"):
                 p = pspec.parameters
                 profile.prefix = PrefixSettings(
                     block_tokens=int(_num(p, "blockSizeTokens", 16, minimum=1)),
@@ -329,6 +347,27 @@ schedulingProfiles:
   - {pluginRef: fresh-metrics-filter}
   - {pluginRef: estimated-queue-scorer, weight: 2}
   - {pluginRef: running-requests-size-scorer, weight: 1}
+  - {pluginRef: max-score-picker}
+""",
+    # epp-default with the precise prefix scorer (KV events) in place of the approximate one;
+    # pods that publish no events still get the approximate match.  Needs the KV-event
+    # subscriber (``build_scheduler(kv_index=...)``); without it, it routes as epp-default.
+    "epp-precise": """
+plugins:
+- {type: candidate-sampler, parameters: {maxCandidates: 16}}
+- {type: estimated-queue-scorer, parameters: {queueScale: 4}}
+- {type: kv-cache-utilization-scorer}
+- {type: precise-prefix-cache-scorer, parameters: {affinityMaxExtraLoad: 4}}
+- {type: lora-affinity-scorer, parameters: {affinityMaxExtraLoad: 4}}
+- {type: max-score-picker}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: candidate-sampler}
+  - {pluginRef: estimated-queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 1}
+  - {pluginRef: precise-prefix-cache-scorer, weight: 5}
+  - {pluginRef: lora-affinity-scorer, weight: 1}
   - {pluginRef: max-score-picker}
 """,
 }

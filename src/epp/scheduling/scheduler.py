@@ -19,9 +19,10 @@ from typing import Protocol
 from epp.domain import Criticality, Endpoint, EndpointMetrics, InferenceRequest
 from epp.errors import NoEndpoints, Shed
 from epp.scheduling.base import Candidates
+from epp.scheduling.blockkeys import BlockLookup
 from epp.scheduling.prefix import PrefixIndex, block_hashes
 from epp.scheduling.profile import EndpointPickerConfig, SchedulerProfile, build_profile, builtin_config
-from epp.scheduling.scorers import clamp
+from epp.scheduling.scorers import bind_block_lookup, clamp
 
 PluginObserver = Callable[[str, str, str, float], None]  # extension point, type, name, seconds
 
@@ -212,9 +213,16 @@ def build_scheduler(
     rng: random.Random | None = None,
     max_endpoints: int = 1,
     observe: PluginObserver | None = None,
+    kv_index: BlockLookup | None = None,
 ) -> Scheduler:
-    """A scheduler for a built-in profile name or a parsed config; ``rng`` drives every random choice."""
+    """A scheduler for a built-in profile name or a parsed config; ``rng`` drives every random choice.
+
+    ``kv_index`` (the KV-event index, ``epp.datalayer.kvevents.KVEventIndex``) feeds the
+    profile's ``precise-prefix-cache-scorer``s; without it they use the approximate index only.
+    """
     rng = rng or random.Random()
     config = builtin_config(profile) if isinstance(profile, str) else profile
     source = f"profile {profile}" if isinstance(profile, str) else "--config-file"
-    return Scheduler(build_profile(config, rng, source), view, max_endpoints=max_endpoints, observe=observe, rng=rng)
+    built = build_profile(config, rng, source)
+    bind_block_lookup((s for s, _ in built.scorers), kv_index)
+    return Scheduler(built, view, max_endpoints=max_endpoints, observe=observe, rng=rng)

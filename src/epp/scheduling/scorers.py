@@ -6,12 +6,13 @@ and the affinity guard are epp's own.  Missing or stale metrics score as worst.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import cast
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from epp.domain import InferenceRequest
 from epp.scheduling.base import Candidates, min_max_low_is_best
+from epp.scheduling.blockkeys import BlockKeys, BlockLookup
 
 _UNKNOWN_QUEUE = 1 << 20  # a stale endpoint's queue: worse than any real one
 
@@ -86,6 +87,53 @@ class PrefixCacheScorer:
 
     def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
         return list(c.prefix_match)
+
+
+@dataclass
+class PrecisePrefixCacheScorer:
+    """Longest run of the prompt's leading blocks a pod *reports* holding (its KV events), over
+    the prompt's full blocks; the approximate index's match for pods that publish nothing.
+
+    The pods' reports come from ``index`` (the KV-event index, bound by ``build_scheduler``);
+    the prompt's blocks are named by ``keys`` (``blockkeys``), cut at each pod's own block
+    size.  Unlike the approximate index, this knows about evictions, restarts, traffic that
+    bypassed epp and other epp replicas' picks.  Wrapped in ``GuardedAffinityScorer`` (the
+    ``affinityMaxExtraLoad`` parameter) it never piles work onto a saturated pod.
+    """
+
+    keys: BlockKeys = field(default_factory=BlockKeys)
+    index: BlockLookup | None = None
+    name: str = "precise-prefix-cache-scorer"
+    type: str = "precise-prefix-cache-scorer"
+
+    def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
+        index = self.index
+        if index is None or not request.prompt:
+            return list(c.prefix_match)
+        by_size: dict[int, list[int]] = {}
+        out = []
+        for e, approx in zip(c.endpoints, c.prefix_match, strict=True):
+            block_size = index.block_size(e.address)
+            if block_size is None:  # publishes nothing: what epp itself sent there
+                out.append(approx)
+                continue
+            keys = by_size.get(block_size)
+            if keys is None:
+                keys = by_size[block_size] = self.keys.prompt_keys(request.prompt, request.target_model, block_size)
+            out.append(index.leading_run(e.address, keys) / len(keys) if keys else 0.0)
+        return out
+
+
+def bind_block_lookup(scorers: Iterable[Any], index: BlockLookup | None) -> int:
+    """Give every precise prefix scorer among ``scorers`` (bare or guarded) the KV-event index;
+    returns how many were bound."""
+    bound = 0
+    for s in scorers:
+        inner = s.inner if isinstance(s, GuardedAffinityScorer) else s
+        if isinstance(inner, PrecisePrefixCacheScorer):
+            inner.index = index
+            bound += 1
+    return bound
 
 
 @dataclass
@@ -176,7 +224,7 @@ class GuardedAffinityScorer:
     overrides a large imbalance: the hot-spotting users report with cache-aware routers.
     """
 
-    inner: PrefixCacheScorer | LoraAffinityScorer
+    inner: PrefixCacheScorer | LoraAffinityScorer | PrecisePrefixCacheScorer
     max_extra_load: float = 4.0
     kv_limit: float = 0.95
     name: str = ""

@@ -1,0 +1,185 @@
+"""The KV-event decoder and index (``epp/datalayer/kvevents.py``), on hand-built vLLM messages."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+
+from epp.datalayer.kvevents import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventIndex,
+    decode_batch,
+    port_endpoint,
+    topic_prefix,
+)
+from epp.domain import Endpoint
+from epp.scheduling.blockkeys import BlockKeys
+
+BS = 4  # block size of these tests
+POD = "10.0.0.1:8000"
+TOPIC = b"kv@10.0.0.1:8000@m"
+
+
+def stored_map(hashes, parent, tokens, lora=None, medium="GPU"):
+    """A BlockStored as vLLM >= PR #42892 encodes it (msgspec tagged struct, map form)."""
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
+            "block_size": BS, "lora_id": None, "medium": medium, "lora_name": lora}  # fmt: skip
+
+
+def stored_array(hashes, parent, tokens, lora=None, medium="GPU"):
+    """The same event in the older positional form (tag first)."""
+    return ["BlockStored", hashes, parent, tokens, BS, None, medium, lora]
+
+
+def msg(seq, *events, topic=TOPIC, ts=1.5, rank=0):
+    return [topic, struct.pack(">Q", seq), msgpack.packb([ts, list(events), rank])]
+
+
+def index(**kw) -> KVEventIndex:
+    return KVEventIndex(BlockKeys(), **kw)
+
+
+TOKENS = list(range(100, 112))  # three blocks of four tokens
+
+
+def keys_of(tokens, model="m"):
+    k = BlockKeys()
+    return k.chain(k.root(model), tokens, BS)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (stored_map([1, 2], None, TOKENS[:8]), BlockStored((1, 2), None, TOKENS[:8], BS, None, "GPU", None)),
+        (stored_array([1, 2], 7, TOKENS[:8], "sql-lora"),
+         BlockStored((1, 2), 7, TOKENS[:8], BS, None, "GPU", "sql-lora")),
+        (["BlockStored", [1], None, TOKENS[:4], BS, None], BlockStored((1,), None, TOKENS[:4], BS)),  # fields omitted
+        ({"type": "BlockRemoved", "block_hashes": [3], "medium": "GPU"}, BlockRemoved((3,), "GPU")),
+        (["BlockRemoved", [3, 4], "CPU"], BlockRemoved((3, 4), "CPU")),
+        ({"type": "AllBlocksCleared"}, AllBlocksCleared()),
+        (["AllBlocksCleared"], AllBlocksCleared()),
+        (stored_map([-1], b"\x00" * 24 + b"\x01\x02\x03\x04\x05\x06\x07\x08", TOKENS[:4]),
+         BlockStored((2**64 - 1,), 0x0102030405060708, TOKENS[:4], BS, None, "GPU", None)),  # int64, bytes
+    ],
+    ids=["map-stored", "array-stored-lora", "array-short", "map-removed", "array-removed", "map-cleared",
+         "array-cleared", "signed-and-bytes-hashes"],
+)  # fmt: skip
+def test_decode_both_forms(raw, expected) -> None:
+    batch = decode_batch(msgpack.packb([1.5, [raw], 0]))
+    assert batch.events == [expected]
+    assert (batch.ts, batch.data_parallel_rank, batch.unknown) == (1.5, 0, 0)
+
+
+def test_decode_skips_unknown_types_and_rejects_garbage() -> None:
+    batch = decode_batch(msgpack.packb([2.0, [{"type": "BlockPinned"}, ["AllBlocksCleared"]]]))  # no rank
+    assert batch.events == [AllBlocksCleared()] and batch.unknown == 1 and batch.data_parallel_rank is None
+    for bad in (b"\xc1", msgpack.packb({"ts": 1}), msgpack.packb([1.0, [7]]), msgpack.packb([1.0, [{"type": "BlockStored", "block_hashes": ["x"]}]])):  # noqa: E501
+        with pytest.raises(ValueError):
+            decode_batch(bad)
+
+
+@pytest.mark.parametrize("form", [stored_map, stored_array], ids=["map", "array"])
+def test_stored_blocks_are_keyed_like_the_prompt(form) -> None:
+    idx = index()
+    idx.apply(POD, msg(0, form([11, 12], None, TOKENS[:8])))
+    idx.apply(POD, msg(1, form([13], 12, TOKENS[8:12])))  # extends the chain through its parent
+    assert idx.block_size(POD) == BS and idx.num_blocks(POD) == 3
+    assert idx.leading_run(POD, keys_of(TOKENS)) == 3
+    assert idx.leading_run(POD, keys_of(TOKENS, model="other")) == 0  # the root names the model
+    assert idx.leading_run(POD, keys_of([9, 9, 9, 9, *TOKENS[4:]])) == 0  # chained: a different head
+
+
+def test_lora_blocks_are_keyed_by_adapter() -> None:
+    idx = index()
+    idx.apply(POD, msg(0, stored_map([21], None, TOKENS[:4], lora="sql-lora")))
+    assert idx.leading_run(POD, keys_of(TOKENS[:4], "sql-lora")) == 1
+    assert idx.leading_run(POD, keys_of(TOKENS[:4], "m")) == 0
+
+
+def test_removal_and_all_blocks_cleared() -> None:
+    idx = index()
+    idx.apply(POD, msg(0, stored_map([11, 12, 13], None, TOKENS)))
+    idx.apply(POD, msg(1, {"type": "BlockRemoved", "block_hashes": [12, 99], "medium": "GPU"}))
+    assert idx.leading_run(POD, keys_of(TOKENS)) == 1  # the run stops at the evicted block
+    assert idx.num_blocks(POD) == 2 and idx.stats.blocks_removed == 1
+    idx.apply(POD, msg(2, {"type": "AllBlocksCleared"}))
+    assert idx.num_blocks(POD) == 0 and idx.stats.cleared == 1
+    assert idx.block_size(POD) == BS  # still publishing: scored as holding nothing, not as unknown
+
+
+@pytest.mark.parametrize("next_seq, reason", [(5, "gap"), (0, "restart")], ids=["gap", "restart"])
+def test_sequence_gap_drops_the_pod_and_rebuilds(next_seq, reason) -> None:
+    idx = index()
+    other = "10.0.0.2:8000"
+    idx.apply(POD, msg(0, stored_map([11, 12], None, TOKENS[:8])))
+    idx.apply(POD, msg(1, stored_map([13], 12, TOKENS[8:])))
+    idx.apply(other, msg(0, stored_map([11], None, TOKENS[:4])))
+    # messages were lost (or the pod restarted): what it holds now is unknown
+    idx.apply(POD, msg(next_seq, stored_map([31], None, [7, 7, 7, 7]), stored_map([14], 13, [1, 2, 3, 4])))
+    assert idx.stats.gaps == 1 and idx.stats.by_reason == {reason: 1}
+    assert idx.leading_run(POD, keys_of(TOKENS)) == 0
+    assert idx.leading_run(POD, keys_of([7, 7, 7, 7])) == 1  # rebuilt from the new events
+    assert idx.stats.orphans == 1  # block 14's parent was dropped with the rest: it cannot be keyed
+    assert idx.leading_run(other, keys_of(TOKENS)) == 1  # other pods are untouched
+    idx.apply(POD, msg(next_seq + 1, stored_map([32], 31, [8, 8, 8, 8])))
+    assert idx.stats.gaps == 1 and idx.leading_run(POD, keys_of([7, 7, 7, 7, 8, 8, 8, 8])) == 2
+
+
+def test_malformed_payload_resets_the_pod() -> None:
+    idx = index()
+    idx.apply(POD, msg(0, stored_map([11], None, TOKENS[:4])))
+    idx.apply(POD, [TOPIC, struct.pack(">Q", 1), b"\xc1"])
+    assert idx.num_blocks(POD) == 0 and idx.stats.decode_errors == 1 and idx.last_seq(POD) == 1
+    idx.apply(POD, [TOPIC, b"\x00"])  # wrong frame count
+    assert idx.stats.decode_errors == 2
+
+
+def test_pod_removal_forgets_it() -> None:
+    idx = index()
+    for i, pod in enumerate(("10.0.0.1:8000", "10.0.0.2:8000")):
+        idx.apply(pod, msg(0, stored_map([11 + i], None, TOKENS[:4])))
+    idx.retain(["10.0.0.2:8000"])
+    assert idx.addresses() == ["10.0.0.2:8000"]
+    assert idx.block_size("10.0.0.1:8000") is None and idx.leading_run("10.0.0.1:8000", keys_of(TOKENS)) == 0
+
+
+def test_memory_bound_from_cache_config_info() -> None:
+    capacity = {POD: 5}
+    idx = index(capacity_of=capacity.get, default_capacity=1000)
+    tokens = list(range(40))
+    idx.apply(POD, msg(0, stored_map(list(range(1, 11)), None, tokens)))  # 10 blocks, cap 5: a lost-removal flood
+    assert idx.num_blocks(POD) == 5 and idx.stats.overflow == 5
+    assert idx.leading_run(POD, keys_of(tokens)) == 0  # the oldest (leading) blocks went first
+    chain = keys_of(tokens)
+    assert all(idx.leading_run(POD, [k]) == 0 for k in chain[:5])
+    assert idx.leading_run(POD, chain[5:6]) == 1
+    other = "10.0.0.9:8000"  # no cache_config_info: the default bound
+    idx.apply(other, msg(0, stored_map(list(range(1, 11)), None, tokens)))
+    assert idx.num_blocks(other) == 10
+
+
+def test_other_tiers_and_inconsistent_events_are_skipped() -> None:
+    idx = index()
+    idx.apply(POD, msg(0, stored_map([11], None, TOKENS[:4], medium="CPU"),
+                       stored_map([12, 13], None, TOKENS[:4])))  # fmt: skip  # 2 hashes, 1 block of tokens
+    assert idx.num_blocks(POD) == 0 and idx.stats.skipped == 2
+
+
+def test_endpoint_and_topic_helpers() -> None:
+    e = Endpoint("10.1.2.3:8000", "pod-a")
+    assert port_endpoint(5557)(e) == "tcp://10.1.2.3:5557"
+    assert port_endpoint(5557)(Endpoint("[fd00::1]:8000", "v6")) == "tcp://[fd00::1]:5557"
+    assert topic_prefix()(e) == "kv@10.1.2.3:8000@"
+    assert topic_prefix("kv@{name}@")(e) == "kv@pod-a@"
+    assert topic_prefix("")(e) == ""
+
+
+def test_cost_per_event_is_measured() -> None:
+    idx = index()
+    idx.apply(POD, msg(0, stored_map([11, 12, 13], None, TOKENS), {"type": "BlockRemoved", "block_hashes": [13]}))
+    assert idx.stats.events == 2 and idx.stats.messages == 1
+    assert idx.stats.apply_seconds > 0 and idx.stats.seconds_per_event == idx.stats.apply_seconds / 2
