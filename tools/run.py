@@ -8,6 +8,8 @@ lines are kept for the error message, and the command is killed at an absolute d
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -17,9 +19,29 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Ran", "run_echoing"]
+__all__ = ["GoMissing", "Ran", "epp_cache", "find_go", "run_echoing"]
 
 TAIL_LINES = 40
+
+
+class GoMissing(RuntimeError):
+    """No Go toolchain on this machine."""
+
+
+def epp_cache(*parts: str) -> Path:
+    """``~/.cache/epp/<parts>`` (or under ``$XDG_CACHE_HOME``): where built tools are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base, "epp", *parts)
+
+
+def find_go() -> str:
+    """The ``go`` binary: on PATH, else the usual install places; ``GoMissing`` otherwise."""
+    go = shutil.which("go") or next(
+        (p for p in ("/usr/local/go/bin/go", str(Path.home() / "go" / "bin" / "go")) if os.access(p, os.X_OK)), None
+    )
+    if go is None:
+        raise GoMissing("no Go toolchain: `go` is neither on PATH nor in /usr/local/go/bin")
+    return go
 
 
 @dataclass(frozen=True, slots=True)

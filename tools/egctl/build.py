@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.run import Ran, run_echoing
+from tools.run import GoMissing, Ran, epp_cache, find_go, run_echoing
 
 MODULE = "github.com/envoyproxy/gateway"
 PACKAGE = f"{MODULE}/cmd/egctl"
@@ -26,8 +26,6 @@ VERSION = "v1.9.1"
 BUILD_TIMEOUT_S = 2400.0
 
 
-class GoMissing(RuntimeError):
-    """No Go toolchain on this machine (the only reason the gateway tests may skip)."""
 
 
 class BuildFailed(RuntimeError):
@@ -35,17 +33,9 @@ class BuildFailed(RuntimeError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "epp" / "egctl" / VERSION
+    return epp_cache("egctl", VERSION)
 
 
-def find_go() -> str:
-    go = shutil.which("go") or next(
-        (p for p in ("/usr/local/go/bin/go", str(Path.home() / "go" / "bin" / "go")) if os.access(p, os.X_OK)), None
-    )
-    if go is None:
-        raise GoMissing("no Go toolchain: `go` is neither on PATH nor in /usr/local/go/bin")
-    return go
 
 
 def _say(message: str) -> None:

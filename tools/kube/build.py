@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.run import Ran, run_echoing
+from tools.run import GoMissing, Ran, epp_cache, find_go, run_echoing
 
 KUBE_VERSION = "v1.34.2"
 STAGING_VERSION = "v0.34.2"
@@ -47,21 +47,13 @@ class BuildFailed(RuntimeError):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "epp" / "kube" / KUBE_VERSION
+    return epp_cache("kube", KUBE_VERSION)
 
 
 def _say(message: str) -> None:
     print(f"[kube-tools] {message}", file=sys.stderr, flush=True)
 
 
-def find_go() -> str:
-    go = shutil.which("go") or next(
-        (p for p in ("/usr/local/go/bin/go", str(Path.home() / "go" / "bin" / "go")) if os.access(p, os.X_OK)), None
-    )
-    if go is None:
-        raise ToolMissing("no Go toolchain: `go` is neither on PATH nor in /usr/local/go/bin")
-    return go
 
 
 def _run(cmd: list[str], *, cwd: Path, env: dict[str, str], deadline: float) -> Ran:
@@ -93,7 +85,10 @@ def ensure_kube_apiserver() -> Path:
     binary = out / "kube-apiserver"
     if os.access(binary, os.X_OK):
         return binary
-    go = find_go()
+    try:
+        go = find_go()
+    except GoMissing as exc:
+        raise ToolMissing(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it right now
