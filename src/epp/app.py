@@ -33,9 +33,10 @@ from epp.extproc.server import ExtProcServer, ExtProcServicer
 from epp.extproc.stream import ExtProcStream
 from epp.extproc.tls import load_cert_dir, self_signed
 from epp.observability.metrics import EppMetrics, PodLoad, PoolCollector, PoolSnapshot
-from epp.routing import ADMIN_PATHS, Router
+from epp.routing import Router
 from epp.scheduling import EndpointPickerConfig, build_scheduler, load_config_file
 from epp.supervisor import Supervisor
+from epp.wire import ADMIN_PATHS
 
 log = logging.getLogger(__name__)
 

@@ -19,36 +19,7 @@ from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicies, P
 from epp.errors import ModelNotFound, NoEndpoints, PathNotAllowed, clip
 from epp.openai import rewrite_model
 from epp.scheduling import Scheduler
-from epp.wire import MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
-
-# Model-server admin paths (vLLM, SGLang): never routed through the gateway by default,
-# so a client cannot load adapters, flush caches or read a pod's metrics through it.
-ADMIN_PATHS: tuple[str, ...] = (
-    "/v1/load_lora_adapter",
-    "/v1/unload_lora_adapter",
-    "/metrics",
-    "/reset_prefix_cache",
-    "/reset_mm_cache",
-    "/sleep",
-    "/wake_up",
-    "/is_sleeping",
-    "/collective_rpc",
-    "/start_profile",
-    "/stop_profile",
-    "/scale_elastic_ep",
-    "/server_info",
-    "/flush_cache",
-    "/update_weights_from_disk",
-    "/update_weights_from_tensor",
-    "/update_weights_from_distributed",
-    "/init_weights_update_group",
-    "/release_memory_occupation",
-    "/resume_memory_occupation",
-    "/configure_logging",
-    "/abort_request",
-    "/load_lora_adapter",
-    "/unload_lora_adapter",
-)
+from epp.wire import ADMIN_PATHS, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
 
 
 def path_blocked(path: str, blocked: Sequence[str]) -> bool:
@@ -147,6 +118,11 @@ class Router:
         self._rng = rng or random.Random()
         self._observe = observe_schedule
 
+    def check_path(self, path: str) -> None:
+        """Raise ``PathNotAllowed`` (403) for a model server's admin path (checked on the headers, before any body)."""
+        if self._blocked and path_blocked(path, self._blocked):
+            raise PathNotAllowed(f"path {clip(path.split('?', 1)[0])} is a model server's admin path, not routed")
+
     def resolve_model(self, request: InferenceRequest) -> InferenceRequest:
         """Apply the model policy: 404 for unknown models, criticality, target model."""
         policies = self._pool.policies
@@ -170,9 +146,7 @@ class Router:
 
     def route(self, request: InferenceRequest, doc: dict[str, Any] | None = None) -> Pick:
         """Pick endpoints for a parsed request; rewrite the body if the target model differs."""
-        path = request.headers.get(":path", "")
-        if self._blocked and path_blocked(path, self._blocked):
-            raise PathNotAllowed(f"path {clip(path.split('?', 1)[0])} is a model server's admin path, not routed")
+        self.check_path(request.headers.get(":path", ""))
         if doc is not None:
             request = self.resolve_model(request)
         pool = self._pool.routable()

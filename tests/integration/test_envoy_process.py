@@ -47,7 +47,8 @@ async def test_envoy_accepts_every_combination() -> None:
 async def test_validate_reports_envoys_message() -> None:
     boot = render_bootstrap(NO_MIRROR, listen_port=0, epp_address="127.0.0.1:9002")
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"][0]["typed_config"]["processing_mode"]["request_trailer_mode"] = "SKIP"
+    (ext_proc,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    ext_proc["typed_config"]["processing_mode"]["request_trailer_mode"] = "SKIP"
     with pytest.raises(ConfigError, match="request_trailer_mode has to be set to SEND"):
         await validate(boot)
 

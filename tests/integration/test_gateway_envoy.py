@@ -361,3 +361,28 @@ async def test_a_pod_that_died_since_the_last_scrape_costs_a_retry_not_a_503(gat
         assert status == 200 and headers["x-served-by"] == "pod-0"
     await gw.app.servicer.wait_idle()
     assert gw.app.datastore.load.total_inflight() == 0 and gw.app.datastore.load.inflight(dead.address) == 0
+
+
+async def test_with_epp_down_a_client_cannot_pick_the_pod_with_its_own_destination_header(gateway):
+    gw = await gateway(failure_mode="FailOpen", body_mode="buffered", lb="override-host")
+    await gw.app.aclose()
+    chosen = gw.upstreams[1].address
+    served = set()
+    for _ in range(4):
+        status, headers, _ = await gw.post(COMPLETION, headers={"x-gateway-destination-endpoint": chosen})
+        assert status == 200
+        served.add(headers["x-served-by"])
+    assert served == {"pod-0", "pod-1"}  # Envoy's round-robin, not the client's choice
+    assert all("x-gateway-destination-endpoint" not in u.seen[-1].headers for u in gw.upstreams)
+
+
+async def test_admin_paths_never_reach_a_pod_even_with_epp_down(gateway):
+    gw = await gateway(failure_mode="FailOpen", body_mode="buffered", lb="override-host")
+    status, _, body = await gw.post({"lora_name": "x", "lora_path": "/x"}, path="/v1/load_lora_adapter")
+    assert status == 403 and orjson.loads(body)["error"]["code"] == 403
+    await gw.app.aclose()
+    status, _, _ = await gw.post({"lora_name": "x", "lora_path": "/x"}, path="/v1/load_lora_adapter")
+    assert status == 403
+    status, _, _ = await gw.post(COMPLETION)  # ordinary traffic still fails open
+    assert status == 200
+    assert all(not any(s.path.startswith("/v1/load_lora_adapter") for s in u.seen) for u in gw.upstreams)

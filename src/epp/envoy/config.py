@@ -53,7 +53,15 @@ import yaml
 from epp.config import PoolFile, PoolSpec
 from epp.domain import FailureMode
 from epp.errors import ConfigError
-from epp.wire import DESTINATION_HEADER, LB_NAMESPACE, MIRROR_HEADER, SERVED_KEY, SUBSET_HINT_NAMESPACE
+from epp.wire import (
+    ADMIN_PATHS,
+    DESTINATION_HEADER,
+    LB_NAMESPACE,
+    MIRROR_HEADER,
+    MODEL_REWRITE_HEADER,
+    SERVED_KEY,
+    SUBSET_HINT_NAMESPACE,
+)
 
 BodyMode = Literal["full-duplex", "buffered"]
 LbMode = Literal["original-dst", "override-host"]
@@ -123,6 +131,7 @@ def render_bootstrap(
         "request_headers_timeout": "10s",
         "request_timeout": "60s",
         "http_filters": [
+            _strip_control_headers(),
             _ext_proc_filter(body_mode, fail_open=pool.failure_mode is FailureMode.FAIL_OPEN),
             {
                 "name": "envoy.filters.http.router",
@@ -252,6 +261,21 @@ def _processing_mode(body_mode: BodyMode) -> dict[str, str]:
     }
 
 
+# Headers only epp (or the operator's gateway) may set: a client's own copies are removed
+# before ext_proc, so with epp down and fail-open a client cannot pick the pod itself.
+CLIENT_STRIPPED = (DESTINATION_HEADER, MIRROR_HEADER, MODEL_REWRITE_HEADER)
+
+
+def _strip_control_headers() -> dict[str, Any]:
+    return {
+        "name": "strip-control-headers",
+        "typed_config": {
+            "@type": _type("extensions.filters.http.header_mutation.v3.HeaderMutation"),
+            "mutations": {"request_mutations": [{"remove": name} for name in CLIENT_STRIPPED]},
+        },
+    }
+
+
 def _ext_proc_filter(body_mode: BodyMode, *, fail_open: bool) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.ext_proc",
@@ -288,10 +312,23 @@ def _route_config(
                 "runtime_fraction": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
             }
         ]
+    # model servers' admin paths never reach a pod, even with epp down (epp answers them 403 too)
+    blocked = [{"match": {"path_separated_prefix": path}, "direct_response": _ADMIN_FORBIDDEN} for path in ADMIN_PATHS]
     return {
         "name": "local",
-        "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": route}]}],
+        "virtual_hosts": [
+            {"name": "all", "domains": ["*"], "routes": [*blocked, {"match": {"prefix": "/"}, "route": route}]}
+        ],
     }
+
+
+_ADMIN_FORBIDDEN = {
+    "status": 403,
+    "body": {
+        "inline_string": '{"error": {"message": "a model server admin path, not routed through the gateway", '
+        '"type": "permission_denied", "code": 403}}'
+    },
+}
 
 
 def _circuit_breakers() -> dict[str, Any]:

@@ -165,6 +165,7 @@ class ExtProcStream:
         req.headers = _header_map(message.request_headers)
         ctx.request_id = req.headers.get(REQUEST_ID_HEADER) or new_request_id()
         request_id_var.set(ctx.request_id)
+        self._router.check_path(req.headers.get(":path", ""))
         hint = _filter_metadata(message).get(SUBSET_HINT_NAMESPACE)
         if isinstance(hint, dict) and SUBSET_KEY in hint:
             req.subset = parse_subset(hint[SUBSET_KEY])

@@ -142,7 +142,8 @@ def test_envoy_config_renders_the_ai_gateway_wiring(pool_path, capsys):
     boot = yaml.safe_load(capsys.readouterr().out)
     assert boot == render(pool_file=parse_pool_file(pool_path.read_text()))
     assert main(args) == 0  # the default wiring is epp's own
-    ext_proc = hcm(yaml.safe_load(capsys.readouterr().out))["http_filters"][0]
+    filters = hcm(yaml.safe_load(capsys.readouterr().out))["http_filters"]
+    (ext_proc,) = [f for f in filters if f["name"] == "envoy.filters.http.ext_proc"]
     assert "metadata_options" in ext_proc["typed_config"]
 
 

@@ -12,6 +12,7 @@ from epp.config import PoolFile, parse_pool_file
 from epp.envoy import cluster_name, dump_bootstrap, render_bootstrap
 from epp.envoy.config import BodyMode, LbMode
 from epp.errors import ConfigError
+from epp.wire import ADMIN_PATHS
 
 POOL_YAML = """
 pool:
@@ -67,16 +68,18 @@ def hcm(boot: dict[str, Any]) -> dict[str, Any]:
 
 def ext_proc(boot: dict[str, Any]) -> dict[str, Any]:
     filters = hcm(boot)["http_filters"]
-    assert [f["name"] for f in filters] == ["envoy.filters.http.ext_proc", "envoy.filters.http.router"]
-    config: dict[str, Any] = filters[0]["typed_config"]
+    names = [f["name"] for f in filters]
+    assert names == ["strip-control-headers", "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
+    config: dict[str, Any] = filters[1]["typed_config"]
     return config
 
 
 def route(boot: dict[str, Any]) -> dict[str, Any]:
     (vhost,) = hcm(boot)["route_config"]["virtual_hosts"]
-    (only,) = vhost["routes"]
-    assert only["match"] == {"prefix": "/"}
-    r: dict[str, Any] = only["route"]
+    *blocked, last = vhost["routes"]
+    assert all(b["direct_response"]["status"] == 403 for b in blocked) and len(blocked) == len(ADMIN_PATHS)
+    assert last["match"] == {"prefix": "/"}
+    r: dict[str, Any] = last["route"]
     return r
 
 
@@ -282,3 +285,10 @@ def test_incomplete_requests_and_hung_pods_time_out_and_dead_picks_are_retried(l
     assert ("retry_policy" in route(boot)) is retries
     if retries:
         assert route(boot)["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
+
+
+def test_clients_copies_of_epps_control_headers_are_removed_before_ext_proc():
+    boot = render_bootstrap(pool_file(mirror=True), listen_port=1, epp_address="127.0.0.1:9002")
+    strip = hcm(boot)["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]
+    assert {m["remove"] for m in strip} == {
+        "x-gateway-destination-endpoint", "x-gateway-mirror-endpoint", "x-gateway-model-name-rewrite"}
