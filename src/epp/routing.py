@@ -22,12 +22,6 @@ from epp.scheduling import Scheduler
 from epp.wire import ADMIN_PATHS, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
 
 
-def path_blocked(path: str, blocked: Sequence[str]) -> bool:
-    """Whether ``path`` (query ignored) is one of ``blocked`` or below one."""
-    bare = path.split("?", 1)[0].rstrip("/") or "/"
-    return any(bare == p or bare.startswith(p + "/") for p in blocked)
-
-
 class MirrorLoad(Protocol):
     def note_mirror(self, address: str) -> None: ...
 
@@ -110,7 +104,8 @@ class Router:
         trust_model_rewrite_header: bool = False,
     ) -> None:
         self._pool = pool
-        self._blocked = tuple(blocked_paths)
+        self._blocked = frozenset(blocked_paths)
+        self._blocked_dirs = tuple(p + "/" for p in blocked_paths)  # one startswith call per request
         self._trust_rewrite = trust_model_rewrite_header
         self._serving_cache: dict[str, tuple[Sequence[Endpoint], int, Sequence[Endpoint]]] = {}
         self._scheduler = scheduler
@@ -120,7 +115,10 @@ class Router:
 
     def check_path(self, path: str) -> None:
         """Raise ``PathNotAllowed`` (403) for a model server's admin path (checked on the headers, before any body)."""
-        if self._blocked and path_blocked(path, self._blocked):
+        if not self._blocked:
+            return
+        bare = path.split("?", 1)[0]
+        if bare.rstrip("/") in self._blocked or bare.startswith(self._blocked_dirs):
             raise PathNotAllowed(f"path {clip(path.split('?', 1)[0])} is a model server's admin path, not routed")
 
     def resolve_model(self, request: InferenceRequest) -> InferenceRequest:
@@ -145,8 +143,10 @@ class Router:
         return dataclasses.replace(request, target_model=target, criticality=criticality)
 
     def route(self, request: InferenceRequest, doc: dict[str, Any] | None = None) -> Pick:
-        """Pick endpoints for a parsed request; rewrite the body if the target model differs."""
-        self.check_path(request.headers.get(":path", ""))
+        """Pick endpoints for a parsed request; rewrite the body if the target model differs.
+
+        The path was checked on the request headers (:meth:`check_path`), before any body.
+        """
         if doc is not None:
             request = self.resolve_model(request)
         pool = self._pool.routable()

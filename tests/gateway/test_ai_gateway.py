@@ -23,6 +23,7 @@ from . import egctl
 from .harness import BIG_PROMPT_CHARS, COMPLETION
 from .scenario import start_ai_gateway
 from support import MODEL_LABELS, pool_doc
+from support.envoy import insert_subset_hint
 from support.upstreams import wait_for_arrivals
 
 aigw = start_ai_gateway
@@ -144,25 +145,11 @@ async def test_mirror_gets_each_request_once_and_the_client_only_the_primary(sta
     assert all(s.headers["host"] == gw.url.removeprefix("http://") for s in shadow.seen)  # no -shadow suffix
 
 
-def _subset_hint(addresses: list[str]) -> Any:
-    def mutate(config: dict[str, Any]) -> None:
-        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"].insert(0, {
-            "name": "envoy.filters.http.set_metadata",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
-                "metadata": [{"metadata_namespace": "envoy.lb.subset_hint",
-                              "value": {"x-gateway-destination-endpoint-subset": addresses}}],
-            },
-        })
-    return mutate
-
-
 async def test_no_metadata_either_way_subset_hint_and_served_endpoint_are_lost(stacks):
     """Without metadata_options Envoy forwards no subset hint to epp and keeps none of
     epp's envoy.lb keys (the fallback list), so no served endpoint comes back either."""
-    gw = await aigw(stacks, conformance_test_hooks=True, mutate=lambda config, pods: _subset_hint(
-        [pods[0].address])(config))
+    gw = await aigw(stacks, conformance_test_hooks=True, mutate=lambda config, pods: insert_subset_hint(
+        config, [pods[0].address]))
     hold = asyncio.Event()
     for pod in gw.pods:
         pod.hold = hold

@@ -27,6 +27,7 @@ from epp.envoy.config import render_bootstrap
 from epp.envoy.process import EnvoyProcess
 
 from support import MODEL_LABELS, MODELS, pool_doc, settings, value, write_yaml
+from support.envoy import subset_hint_filter
 from support.upstreams import Upstream, wait_for_arrivals
 
 COMPLETION = {"model": "m", "prompt": "Say hello", "max_tokens": 3}
@@ -235,29 +236,12 @@ async def test_tls_to_epp_with_a_self_signed_certificate(gateway):
     assert gw.value("inference_model_request_total", MODEL_LABELS) == 1
 
 
-def _subset_hint_filter(addresses: list[str]) -> Callable[[dict[str, Any]], None]:
-    """Insert a set_metadata filter before ext_proc that writes a subset hint."""
-
-    def mutate(config: dict[str, Any]) -> None:
-        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"].insert(0, {
-            "name": "envoy.filters.http.set_metadata",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
-                "metadata": [{"metadata_namespace": "envoy.lb.subset_hint",
-                              "value": {"x-gateway-destination-endpoint-subset": addresses}}],
-            },
-        })
-
-    return mutate
-
-
 async def test_served_endpoint_is_the_one_epp_accounts_when_envoy_falls_back(gateway):
     # epp knows pod-0 and an endpoint Envoy's cluster lacks; the hint forces epp to pick the latter,
     # override_host falls back to round-robin (pod-0) and reports it as served.
     ghost = "127.0.0.1:9"
     hold = asyncio.Event()
-    gw = await gateway(n=1, epp_extra_endpoints=(ghost,), mutate=_subset_hint_filter([ghost]))
+    gw = await gateway(n=1, epp_extra_endpoints=(ghost,), mutate=subset_hint_filter([ghost]))
     gw.upstreams[0].hold = hold
     task = asyncio.create_task(gw.post(COMPLETION))
     await asyncio.wait_for(gw.upstreams[0].arrived.wait(), 10)
@@ -272,7 +256,7 @@ async def test_served_endpoint_is_the_one_epp_accounts_when_envoy_falls_back(gat
 
 async def test_served_endpoint_moves_the_inflight_claim_during_a_stream(gateway):
     ghost = "127.0.0.1:9"
-    gw = await gateway(n=1, epp_extra_endpoints=(ghost,), mutate=_subset_hint_filter([ghost]))
+    gw = await gateway(n=1, epp_extra_endpoints=(ghost,), mutate=subset_hint_filter([ghost]))
     pod = gw.upstreams[0]
     pod.hold_body = asyncio.Event()
     doc = {**COMPLETION, "stream": True}

@@ -19,7 +19,7 @@ from epp.discovery._kube import WatchTiming
 from epp.discovery.kubernetes import KubernetesPoolSource
 from epp.domain import ModelPolicies, Pool
 
-from support.serve import EPP, Serving, read_ready_line
+from support.serve import Serving, start_epp_serve
 
 # The Role, ServiceAccount and RoleBinding epp runs as: the manifests' own, read once at import.
 EPP_RBAC_FILE = Path(__file__).resolve().parents[2] / "manifests" / "epp" / "rbac.yaml"
@@ -141,19 +141,8 @@ async def epp_credentials(cluster: KubeCluster, admin: Admin, ns: str, path: Pat
 async def start_kube_serve(kubeconfig: Path, namespace: str, pool: str, *extra: str,
                            timeout: float = 30.0) -> Serving:
     """``epp serve --pool-name POOL --kubeconfig …``, every port 0 on 127.0.0.1, plaintext; up to its ready line."""
-    proc = await asyncio.create_subprocess_exec(
-        *EPP, "serve", "--pool-name", pool, "--pool-namespace", namespace, "--kubeconfig", str(kubeconfig),
-        "--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0", "--bind-address", "127.0.0.1",
-        "--secure-serving=false", *extra,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        return Serving(proc, await read_ready_line(proc, timeout))
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        raise
+    return await start_epp_serve("--pool-name", pool, "--pool-namespace", namespace, "--kubeconfig", str(kubeconfig),
+                                 "--secure-serving=false", *extra, timeout=timeout)
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -14,6 +14,7 @@ from epp.discovery._kube import ApiException, call_json, new_api_client
 from epp.discovery.leader import LeaderElector, lease_name
 
 from .kube_support import EPP_ACCOUNT, EPP_BINDING, EPP_RBAC, Sources, epp_credentials, v1_pool
+from support import EPP_RBAC_RULES
 
 APP = {"app": "vllm"}
 
@@ -112,16 +113,7 @@ def loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
-# What epp needs, exactly (manifests/epp/rbac.yaml says the same; test_manifests checks the file).
-GRANTED = {
-    ("", "pods"): {"get", "list", "watch"},
-    ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
-    ("inference.networking.x-k8s.io", "inferencepools"): {"get", "list", "watch"},
-    ("inference.networking.x-k8s.io", "inferencemodels"): {"get", "list", "watch"},
-    ("inference.networking.x-k8s.io", "inferenceobjectives"): {"get", "list", "watch"},
-    ("llm-d.ai", "inferenceobjectives"): {"get", "list", "watch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
-}
+GRANTED = EPP_RBAC_RULES
 ASKED = [*GRANTED, ("", "pods/status"), ("", "secrets"), ("", "configmaps"), ("", "services"),
          ("apps", "deployments"), ("inference.networking.k8s.io", "inferencepools/status"),
          ("rbac.authorization.k8s.io", "roles")]

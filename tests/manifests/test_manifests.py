@@ -19,20 +19,13 @@ from epp.discovery.kubernetes import POOL_VERSIONS, parse_pool, policies_of
 from epp.domain import Criticality, ModelPolicy, TargetModel
 from epp.wire import MIRROR_HEADER
 
+from support import EPP_RBAC_RULES
+
 ROOT = Path(__file__).resolve().parents[2] / "manifests"
 PRIMARY, SHADOW, EPP = "vllm-llama2-7b-pool", "vllm-llama2-7b-pool-1", "vllm-llama2-7b-pool-epp"
 EPP_DIRS = {"base": ROOT / "epp", "static-file": ROOT / "epp-overlays" / "static-file",
             "ha": ROOT / "epp-overlays" / "ha"}
-# epp's least privilege (the list): read its pool, the pods, the model objects; the Lease for HA.
-EPP_RULES = {
-    ("", "pods"): {"get", "list", "watch"},
-    ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
-    ("inference.networking.x-k8s.io", "inferencepools"): {"get", "list", "watch"},
-    ("inference.networking.x-k8s.io", "inferencemodels"): {"get", "list", "watch"},
-    ("inference.networking.x-k8s.io", "inferenceobjectives"): {"get", "list", "watch"},
-    ("llm-d.ai", "inferenceobjectives"): {"get", "list", "watch"},
-    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
-}
+EPP_RULES = EPP_RBAC_RULES
 
 
 def load_all() -> list[dict]:

@@ -88,3 +88,17 @@ def value(app: Any, name: str, labels: Mapping[str, str] | None = None) -> float
     """One sample of an App's metrics registry; 0.0 when the series does not exist (yet)."""
     v = app.metrics.registry.get_sample_value(name, dict(labels or {}))
     return 0.0 if v is None else v
+
+
+# epp's least privilege (manifests/epp/rbac.yaml): read its pool, the pods, the model objects;
+# the Lease for HA.  The manifest tests check the file says this; the Kubernetes tests check
+# the API server grants exactly this.
+EPP_RBAC_RULES: dict[tuple[str, str], set[str]] = {
+    ("", "pods"): {"get", "list", "watch"},
+    ("inference.networking.k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferencepools"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferencemodels"): {"get", "list", "watch"},
+    ("inference.networking.x-k8s.io", "inferenceobjectives"): {"get", "list", "watch"},
+    ("llm-d.ai", "inferenceobjectives"): {"get", "list", "watch"},
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+}

@@ -64,9 +64,14 @@ async def read_ready_line(proc: asyncio.subprocess.Process, timeout: float = 20.
 
 async def start_serve(pool: Path, *extra: str, timeout: float = 20.0) -> Serving:
     """``epp serve --pool-file POOL`` on port 0 everywhere (127.0.0.1), up to its ready line."""
+    return await start_epp_serve("--pool-file", str(pool), *extra, timeout=timeout)
+
+
+async def start_epp_serve(*args: str, timeout: float = 20.0) -> Serving:
+    """``epp serve ARGS`` with every port 0 on 127.0.0.1, up to its ready line (killed if it never comes)."""
     proc = await asyncio.create_subprocess_exec(
-        *EPP, "serve", "--pool-file", str(pool), "--grpc-port", "0", "--grpc-health-port", "0",
-        "--metrics-port", "0", "--bind-address", "127.0.0.1", *extra,
+        *EPP, "serve", "--grpc-port", "0", "--grpc-health-port", "0", "--metrics-port", "0",
+        "--bind-address", "127.0.0.1", *args,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
