@@ -175,16 +175,17 @@ class Router:
         lists it (or that runs it as an adapter), or one that has not said what it serves.
         Unchanged when no candidate is known to serve it (it may load adapters on demand).
         """
-        servers = self._pool.servers_of(model)
-        if not servers:
-            return candidates
         version = self._pool.serving_version
-        cached = self._serving_cache.get(model)
+        cached = self._serving_cache.get(model)  # checked first: the usual request costs one dict lookup
         if cached is not None and cached[0] is candidates and cached[1] == version:
             return cached[2]
-        served = self._pool.served_models
-        narrowed = [e for e in candidates if e.address in servers or served(e.address) is None]
-        result: Sequence[Endpoint] = candidates if len(narrowed) in (0, len(candidates)) else narrowed
+        servers = self._pool.servers_of(model)
+        result: Sequence[Endpoint] = candidates
+        if servers:
+            served = self._pool.served_models
+            narrowed = [e for e in candidates if e.address in servers or served(e.address) is None]
+            if 0 < len(narrowed) < len(candidates):
+                result = narrowed
         if len(self._serving_cache) > 1024:  # model names come from clients
             self._serving_cache.clear()
         self._serving_cache[model] = (candidates, version, result)

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 Response = Any  # ProcessingResponse
 
+
 @dataclass(slots=True)
 class RequestSide:
     mode: BodySendMode = BodySendMode.BUFFERED
