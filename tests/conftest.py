@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from epp.app import App
 
 from support import pool_doc, settings, write_yaml
+from support.gateway import GatewayStarter
 from support.messages import ExtProcClient
 
 PoolWriter = Callable[..., Path]
@@ -79,3 +80,11 @@ async def client_for() -> AsyncIterator[Callable[[App], ExtProcClient]]:
     yield make
     for ch in channels:
         await ch.close()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[GatewayStarter]:
+    """Start real Envoy + in-process epp + HTTP upstreams (``support.gateway``); all stopped after the test."""
+    starter = GatewayStarter(tmp_path)
+    yield starter
+    await starter.aclose()
