@@ -152,6 +152,7 @@ class App:
             self.datastore,
             self.metrics,
             max_body_bytes=self.settings.max_body_bytes,
+            max_request_headers=self.settings.max_request_headers,
             conformance_hooks=self.settings.conformance_test_hooks,
         )
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 from epp.config import Settings, load_pool_file, parse_bool, parse_duration
 from epp.domain import FailureMode
 from epp.errors import ConfigError
+from epp.wire import MAX_REQUEST_HEADERS
 
 T = TypeVar("T")
 
@@ -93,6 +94,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--metrics-staleness-threshold", type=_arg(parse_duration), default=2.0, metavar="DURATION")
     p.add_argument("--pool-file-poll-interval", type=_arg(parse_duration), default=1.0, metavar="DURATION")
     p.add_argument("--max-body-bytes", type=_arg(_size), default=16 << 20, metavar="SIZE")
+    p.add_argument(
+        "--max-request-headers",
+        type=int,
+        default=MAX_REQUEST_HEADERS,
+        metavar="N",
+        help="the proxy's request header-count limit (Envoy max_headers_count, default 100); a request whose "
+        "headers plus epp's own would exceed it gets 431",
+    )
     p.add_argument("--max-fallback-endpoints", type=int, default=2)
     p.add_argument("--drain-timeout", type=_arg(parse_duration), default=30.0, metavar="DURATION")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -214,6 +223,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         metrics_staleness_threshold=args.metrics_staleness_threshold,
         pool_file_poll_interval=args.pool_file_poll_interval,
         max_body_bytes=args.max_body_bytes,
+        max_request_headers=args.max_request_headers,
         max_fallback_endpoints=args.max_fallback_endpoints,
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,

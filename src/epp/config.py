@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from epp.domain import Criticality, Endpoint, FailureMode, ModelPolicies, ModelPolicy, Pool, TargetModel
 from epp.errors import ConfigError
+from epp.wire import MAX_REQUEST_HEADERS
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -233,6 +234,7 @@ class Settings:
     metrics_staleness_threshold: float = 2.0
     pool_file_poll_interval: float = 1.0
     max_body_bytes: int = 16 * 1024 * 1024
+    max_request_headers: int = MAX_REQUEST_HEADERS
     max_fallback_endpoints: int = 2
     drain_timeout: float = 30.0
     log_level: str = "info"

@@ -6,6 +6,7 @@
         ├── BadRequest        400   body is not JSON, or has no usable ``model``
         ├── ModelNotFound     404   model not served by this pool
         ├── PayloadTooLarge   413   body over ``--max-body-bytes``
+        ├── HeadersTooMany    431   epp's headers would push the request past the proxy's header-count limit
         ├── Shed              429   pool saturated and the request may be dropped
         ├── PathNotAllowed    403   a model server's admin path, not routed through the gateway
         └── NoEndpoints       503   no ready endpoint (or none matches the subset hint)
@@ -75,6 +76,12 @@ class PathNotAllowed(Rejected):
 class PayloadTooLarge(Rejected):
     http_status = 413
     reason = "PayloadTooLarge"
+    error_type = "invalid_request_error"
+
+
+class HeadersTooMany(Rejected):
+    http_status = 431
+    reason = "HeadersTooMany"
     error_type = "invalid_request_error"
 
 

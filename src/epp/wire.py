@@ -20,6 +20,9 @@ SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 REQUEST_ID_HEADER = "x-request-id"
+# Envoy's limit on a request's header count (HCM max_headers_count, default 100); it also
+# bounds header mutations, so epp's own headers must fit under it (epp answers 431 if not).
+MAX_REQUEST_HEADERS = 100
 # GIE conformance test hooks (epp serve --conformance-test-hooks only): client → epp, epp → client
 TEST_SELECTION_HEADER = "test-epp-endpoint-selection"
 TEST_SERVED_HEADER = "x-conformance-test-served-endpoint"

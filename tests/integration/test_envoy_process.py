@@ -14,6 +14,8 @@ from epp.envoy import EnvoyProcess, render_bootstrap, validate
 from epp.envoy.config import BodyMode, LbMode
 from epp.errors import ConfigError
 
+from support.envoy import ext_proc_config
+
 POOL = parse_pool_file(
     """
 pool: {name: vllm/llama, failureMode: FailOpen, endpoints: ["127.0.0.1:8001", "[::1]:8002"]}
@@ -46,9 +48,7 @@ async def test_envoy_accepts_every_combination() -> None:
 
 async def test_validate_reports_envoys_message() -> None:
     boot = render_bootstrap(NO_MIRROR, listen_port=0, epp_address="127.0.0.1:9002")
-    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    (ext_proc,) = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
-    ext_proc["typed_config"]["processing_mode"]["request_trailer_mode"] = "SKIP"
+    ext_proc_config(boot)["processing_mode"]["request_trailer_mode"] = "SKIP"
     with pytest.raises(ConfigError, match="request_trailer_mode has to be set to SEND"):
         await validate(boot)
 

@@ -141,9 +141,12 @@ async def test_bodyless_get_is_routed_on_headers(app, client):
           request_body(body_of(), True)], 503, "service_unavailable"),
         ([request_headers(metadata={"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": "10.0.0.9"}}),
           request_body(body_of(), True)], 503, "service_unavailable"),
+        # 4 pseudo + content-length + 95 = 100 headers: epp's destination header would be the 101st
+        ([request_headers({"content-length": "40", **{f"x-h{i}": "v" for i in range(95)}}),
+          request_body(body_of(), True)], 431, "invalid_request_error"),
     ],
     ids=["bad-json", "no-model", "unknown-model", "content-length-too-big", "body-too-big", "empty-subset",
-         "subset-no-match"],
+         "subset-no-match", "headers-at-the-limit"],
 )
 async def test_rejections_are_immediate_json_errors_and_leak_nothing(
     write_pool, start_app, client_for, messages, status, reason

@@ -12,6 +12,14 @@ def hcm(config: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def ext_proc_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``ExternalProcessor`` config of the bootstrap's ext_proc filter (unwrapped from the
+    matcher epp's own wiring puts around it)."""
+    (found,) = [f for f in hcm(config)["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    typed: dict[str, Any] = found["typed_config"]
+    return typed["extension_config"]["typed_config"] if "extension_config" in typed else typed
+
+
 def insert_subset_hint(config: dict[str, Any], addresses: list[str]) -> None:
     """A ``set_metadata`` filter first in the chain, writing ``envoy.lb.subset_hint`` for epp."""
     hcm(config)["http_filters"].insert(0, {

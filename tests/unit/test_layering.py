@@ -25,7 +25,7 @@ LAYERS: dict[str, set[str]] = {
     "epp.observability": set(),
     "epp.supervisor": set(),
     # the pure core
-    "epp.config": {"epp.domain", "epp.errors"},
+    "epp.config": {"epp.domain", "epp.errors", "epp.wire"},
     "epp.openai": {"epp.domain", "epp.errors"},
     "epp.scheduling": {"epp.domain", "epp.errors"},
     "epp.datalayer": {"epp.domain", "epp.errors"},

@@ -57,6 +57,7 @@ from epp.wire import (
     ADMIN_PATHS,
     DESTINATION_HEADER,
     LB_NAMESPACE,
+    MAX_REQUEST_HEADERS,
     MIRROR_HEADER,
     MODEL_REWRITE_HEADER,
     SERVED_KEY,
@@ -130,9 +131,14 @@ def render_bootstrap(
         # an incomplete request (headers or body that never finish) is dropped after a minute
         "request_headers_timeout": "10s",
         "request_timeout": "60s",
+        "local_reply_config": _mark_envoy_client_errors(),
+        # explicit, so the limit epp checks its header mutations against is visible here
+        "common_http_protocol_options": {"max_headers_count": MAX_REQUEST_HEADERS},
         "http_filters": [
             _strip_control_headers(),
-            _ext_proc_filter(body_mode, fail_open=pool.failure_mode is FailureMode.FAIL_OPEN),
+            _skip_on_envoy_client_errors(
+                _ext_proc_filter(body_mode, fail_open=pool.failure_mode is FailureMode.FAIL_OPEN)
+            ),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": _type("extensions.filters.http.router.v3.Router")},
@@ -271,7 +277,69 @@ def _strip_control_headers() -> dict[str, Any]:
         "name": "strip-control-headers",
         "typed_config": {
             "@type": _type("extensions.filters.http.header_mutation.v3.HeaderMutation"),
-            "mutations": {"request_mutations": [{"remove": name} for name in CLIENT_STRIPPED]},
+            "mutations": {
+                "request_mutations": [{"remove": name} for name in CLIENT_STRIPPED],
+                # the marker below has done its job by the time the response gets here
+                "response_mutations": [{"remove": ENVOY_REPLY_MARKER}],
+            },
+        },
+    }
+
+
+# Envoy's own replies to requests it could not parse (malformed HTTP 400, HTTP/1.0 426,
+# oversized headers 431, unsupported transfer coding 501, and the slow-client 408 and
+# buffer-overflow 413) are local replies that still pass through ext_proc's response path.
+# For a codec error Envoy resets the stream right after, so while ext_proc waits for epp's
+# answer to those response headers the reply is lost: the client gets 0 bytes (Envoy issue
+# #29440, unfixed in 1.40).  The local-reply mapper marks these replies with a header and a
+# matcher skips ext_proc for responses carrying it; nothing is lost for epp, which sees the
+# stream close (and releases any claim) either way.
+ENVOY_REPLY_MARKER = "x-epp-envoy-local-reply"
+_ENVOY_CLIENT_ERRORS = (400, 408, 413, 426, 431, 501)
+
+
+def _mark_envoy_client_errors() -> dict[str, Any]:
+    def status_is(code: int) -> dict[str, Any]:
+        value = {"default_value": code, "runtime_key": f"epp.local_reply.status_{code}"}
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": value}}}
+
+    return {
+        "mappers": [
+            {
+                "filter": {"or_filter": {"filters": [status_is(code) for code in _ENVOY_CLIENT_ERRORS]}},
+                "headers_to_add": [
+                    {
+                        "header": {"key": ENVOY_REPLY_MARKER, "value": "1"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        ]
+    }
+
+
+def _skip_on_envoy_client_errors(ext_proc: dict[str, Any]) -> dict[str, Any]:
+    marked = {
+        "input": {
+            "name": "response-marker",
+            "typed_config": {
+                "@type": _type("type.matcher.v3.HttpResponseHeaderMatchInput"),
+                "header_name": ENVOY_REPLY_MARKER,
+            },
+        },
+        "value_match": {"exact": "1"},
+    }
+    skip = {"name": "skip", "typed_config": {"@type": _type("extensions.filters.common.matcher.action.v3.SkipFilter")}}
+    return {
+        "name": ext_proc["name"],
+        "typed_config": {
+            "@type": _type("extensions.common.matching.v3.ExtensionWithMatcher"),
+            "extension_config": ext_proc,
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [{"predicate": {"single_predicate": marked}, "on_match": {"action": skip}}]
+                }
+            },
         },
     }
 

@@ -37,7 +37,7 @@ from google.protobuf import json_format
 
 from epp.datalayer import Datastore, InflightTicket
 from epp.domain import InferenceRequest, Pick
-from epp.errors import BadRequest, NoEndpoints, PayloadTooLarge, Rejected
+from epp.errors import BadRequest, HeadersTooMany, NoEndpoints, PayloadTooLarge, Rejected
 from epp.extproc import responses
 from epp.extproc.protocol import BodySendMode, Phase
 from epp.observability.logging import request_id_var
@@ -47,6 +47,7 @@ from epp.routing import Router, filter_subset, parse_subset
 from epp.wire import (
     DESTINATION_HEADER,
     LB_NAMESPACE,
+    MAX_REQUEST_HEADERS,
     MIRROR_HEADER,
     REQUEST_ID_HEADER,
     SERVED_KEY,
@@ -65,6 +66,7 @@ Response = Any  # ProcessingResponse
 class RequestSide:
     mode: BodySendMode = BodySendMode.BUFFERED
     headers: dict[str, str] = field(default_factory=dict)
+    header_count: int = 0  # entries as Envoy counts them (a repeated header counts each time)
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     subset: tuple[str, ...] | None = None
@@ -117,6 +119,7 @@ class ExtProcStream:
         metrics: EppMetrics,
         *,
         max_body_bytes: int,
+        max_request_headers: int = MAX_REQUEST_HEADERS,
         clock: Callable[[], float] = time.monotonic,
         conformance_hooks: bool = False,
     ) -> None:
@@ -124,6 +127,7 @@ class ExtProcStream:
         self._store = datastore
         self._metrics = metrics
         self._max_body = max_body_bytes
+        self._max_headers = max_request_headers
         self._hooks = conformance_hooks
         self._clock = clock
         self.ctx = RequestContext(started=clock())
@@ -164,6 +168,7 @@ class ExtProcStream:
             raise BadRequest("request_headers sent twice on one ext_proc stream")
         self._seen_headers = True
         req.headers = _header_map(message.request_headers)
+        req.header_count = len(message.request_headers.headers.headers)
         ctx.request_id = req.headers.get(REQUEST_ID_HEADER) or new_request_id()
         request_id_var.set(ctx.request_id)
         self._router.check_path(req.headers.get(":path", ""))
@@ -246,15 +251,6 @@ class ExtProcStream:
     ) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
         """Account the pick and build the destination header + ``envoy.lb`` metadata."""
         ctx = self.ctx
-        ctx.req.routed = True
-        ctx.request = request
-        ctx.target_model = pick.target_model
-        ctx.ticket = self._store.load.acquire(pick.primary, request.prompt_tokens if request else 0)
-        if request is not None:
-            series = self._metrics.series(ctx.model, ctx.target_model)
-            series.requests.inc()
-            series.running.inc()
-        addresses = ",".join(e.address for e in pick.endpoints)
         # ORIGINAL_DST clusters read the header and cannot parse a list, so the header
         # carries the primary only; the metadata carries primary + fallbacks.
         headers = {DESTINATION_HEADER: pick.primary.address}
@@ -264,6 +260,22 @@ class ExtProcStream:
             headers["content-length"] = str(body_len)
         if pick.mirror is not None:
             headers[MIRROR_HEADER] = pick.mirror.address
+        added = sum(1 for name in headers if name not in ctx.req.headers)
+        if ctx.req.header_count + added > self._max_headers:
+            # Envoy would refuse the mutation and answer 500 with no body; say why instead
+            raise HeadersTooMany(
+                f"the request has {ctx.req.header_count} headers; with the {added} the gateway adds "
+                f"that exceeds the limit of {self._max_headers}"
+            )
+        ctx.req.routed = True
+        ctx.request = request
+        ctx.target_model = pick.target_model
+        ctx.ticket = self._store.load.acquire(pick.primary, request.prompt_tokens if request else 0)
+        if request is not None:
+            series = self._metrics.series(ctx.model, ctx.target_model)
+            series.requests.inc()
+            series.running.inc()
+        addresses = ",".join(e.address for e in pick.endpoints)
         log.debug("picked %s for model %s", addresses, ctx.target_model or "-")
         return headers, {LB_NAMESPACE: {DESTINATION_HEADER: addresses}}
 

@@ -13,6 +13,8 @@ from epp.config import PoolFile, parse_pool_file
 from epp.envoy import render_ai_gateway_bootstrap
 from epp.envoy.ai_gateway import EG_BUFFER_LIMIT, epp_cluster_name, filter_name, route_cluster_name
 
+from support.envoy import ext_proc_config
+
 POOL = """
 pool:
   name: vllm-llama2-7b-pool
@@ -142,9 +144,7 @@ def test_envoy_config_renders_the_ai_gateway_wiring(pool_path, capsys):
     boot = yaml.safe_load(capsys.readouterr().out)
     assert boot == render(pool_file=parse_pool_file(pool_path.read_text()))
     assert main(args) == 0  # the default wiring is epp's own
-    filters = hcm(yaml.safe_load(capsys.readouterr().out))["http_filters"]
-    (ext_proc,) = [f for f in filters if f["name"] == "envoy.filters.http.ext_proc"]
-    assert "metadata_options" in ext_proc["typed_config"]
+    assert "metadata_options" in ext_proc_config(yaml.safe_load(capsys.readouterr().out))
 
 
 BAD = [

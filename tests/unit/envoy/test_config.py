@@ -70,7 +70,9 @@ def ext_proc(boot: dict[str, Any]) -> dict[str, Any]:
     filters = hcm(boot)["http_filters"]
     names = [f["name"] for f in filters]
     assert names == ["strip-control-headers", "envoy.filters.http.ext_proc", "envoy.filters.http.router"]
-    config: dict[str, Any] = filters[1]["typed_config"]
+    wrapper = filters[1]["typed_config"]  # Envoy's own client-error replies skip ext_proc
+    assert wrapper["@type"].endswith("ExtensionWithMatcher")
+    config: dict[str, Any] = wrapper["extension_config"]["typed_config"]
     return config
 
 
@@ -285,6 +287,23 @@ def test_incomplete_requests_and_hung_pods_time_out_and_dead_picks_are_retried(l
     assert ("retry_policy" in route(boot)) is retries
     if retries:
         assert route(boot)["retry_policy"]["retry_on"] == "connect-failure,refused-stream"
+
+
+def test_envoys_own_client_error_replies_skip_ext_proc_and_the_marker_is_removed():
+    boot = render_bootstrap(pool_file(mirror=False), listen_port=1, epp_address="127.0.0.1:9002")
+    (mapper,) = hcm(boot)["local_reply_config"]["mappers"]
+    filters = mapper["filter"]["or_filter"]["filters"]
+    codes = {f["status_code_filter"]["comparison"]["value"]["default_value"] for f in filters}
+    assert codes == {400, 408, 413, 426, 431, 501}
+    (added,) = mapper["headers_to_add"]
+    marker = added["header"]["key"]
+    wrapper = hcm(boot)["http_filters"][1]["typed_config"]
+    (matcher,) = wrapper["xds_matcher"]["matcher_list"]["matchers"]
+    assert matcher["predicate"]["single_predicate"]["input"]["typed_config"]["header_name"] == marker
+    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith("SkipFilter")
+    strip = hcm(boot)["http_filters"][0]["typed_config"]["mutations"]["response_mutations"]
+    assert strip == [{"remove": marker}]  # the client never sees it
+    assert hcm(boot)["common_http_protocol_options"] == {"max_headers_count": 100}
 
 
 def test_clients_copies_of_epps_control_headers_are_removed_before_ext_proc():
