@@ -149,7 +149,13 @@ def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="epp: this project's wiring (the flags below); envoy-ai-gateway: exactly what Envoy AI Gateway "
         "renders for an InferencePool (full duplex, ORIGINAL_DST, TLS to epp, no metadata)",
     )
-    p.add_argument("--body-mode", choices=["full-duplex", "buffered"], default=None, help="default full-duplex")
+    p.add_argument(
+        "--body-mode",
+        choices=["lean", "buffered", "full-duplex"],
+        default=None,
+        help="lean (default): whole request body, response headers only (3 messages a request); buffered: "
+        "also every response chunk; full-duplex: bodies streamed both ways",
+    )
     p.add_argument("--lb", choices=["original-dst", "override-host"], default=None, help="default override-host")
     p.add_argument("--epp-tls", action="store_true", help="connect to epp over TLS (no verification)")
     p.add_argument(
@@ -277,11 +283,11 @@ def _envoy_config(args: argparse.Namespace) -> int:
             mirror_lb=args.mirror_lb or "plain",
         )
     else:
-        if (args.body_mode or "full-duplex") == "full-duplex" and pool_file.pool.failure_mode is FailureMode.FAIL_OPEN:
+        if args.body_mode == "full-duplex" and pool_file.pool.failure_mode is FailureMode.FAIL_OPEN:
             print(
                 "epp: warning: failureMode FailOpen with --body-mode full-duplex: Envoy ignores fail-open once a "
                 "request body has arrived, so with epp down every request with a body fails (500); "
-                "use --body-mode buffered --lb override-host to fail open",
+                "use --body-mode lean or buffered with --lb override-host to fail open",
                 file=sys.stderr,
             )
         boot = render_bootstrap(
@@ -290,7 +296,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
             listen_address=args.listen_address,
             admin_port=args.admin_port,
             epp_address=args.epp_address,
-            body_mode=args.body_mode or "full-duplex",
+            body_mode=args.body_mode or "lean",
             lb=args.lb or "override-host",
             epp_tls=args.epp_tls,
             access_log_path=args.access_log,

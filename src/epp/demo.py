@@ -170,13 +170,14 @@ class Demo:
         self.say(f"  ext_proc 127.0.0.1:{grpc_port}, metrics http://127.0.0.1:{metrics_port}/metrics")
         how = "load-aware: epp picks the shadow pod" if self.mirror == "load-aware" else "plain round-robin"
         self.say(
-            f"▶ starting Envoy 1.40: ext_proc FULL_DUPLEX_STREAMED, override_host pool cluster, 100 % mirror ({how})"
+            f"▶ starting Envoy 1.40: ext_proc lean (request body buffered, response headers only), override_host "
+            f"pool cluster, 100 % mirror ({how})"
         )
         config = render_bootstrap(
             load_pool_file(pool_path),
             listen_port=0,
             epp_address=f"127.0.0.1:{grpc_port}",
-            body_mode="full-duplex",
+            body_mode="lean",
             lb="override-host",
             epp_tls=True,
             access_log_path=str(self.workdir / "envoy-access.log"),

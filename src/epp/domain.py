@@ -144,16 +144,17 @@ class InferenceRequest:
     stream: bool = False
     subset: tuple[str, ...] | None = None
     criticality: Criticality = Criticality.STANDARD
+    objective: str = ""  # the InferenceObjective named by the request (transport-extracted)
+    model_rewrite: str = ""  # the gateway's model-rewrite header, if any (routing decides whether to trust it)
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Pick:
-    """Routing decision: endpoints (primary first, then fallbacks) and an optional new body."""
+    """Routing decision: endpoints (primary first, then fallbacks), the model to send, the shadow pick."""
 
     endpoints: tuple[Endpoint, ...]
     target_model: str = ""
-    body: bytes | None = None
     mirror: Endpoint | None = None
 
     @property

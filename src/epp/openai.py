@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,8 +91,14 @@ def parse_inference_request(
     path: str = "",
     request_id: str = "",
     subset: tuple[str, ...] | None = None,
+    objective: str = "",
+    model_rewrite: str = "",
 ) -> tuple[InferenceRequest, dict[str, Any]]:
-    """Parse an OpenAI request body; return the request and the decoded JSON document."""
+    """Parse an OpenAI request body; return the request and the decoded JSON document.
+
+    ``objective`` and ``model_rewrite`` are what the transport read from its headers (the
+    InferenceObjective name, the gateway's model-rewrite header), passed through.
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -110,15 +117,84 @@ def parse_inference_request(
         prompt_tokens=estimate_tokens(prompt),
         stream=doc.get("stream") is True,
         subset=subset,
+        objective=objective,
+        model_rewrite=model_rewrite,
         headers=headers,
     )
     return request, doc
 
 
-def rewrite_model(doc: dict[str, Any], target_model: str) -> bytes:
-    """Serialise ``doc`` with ``model`` set to ``target_model``."""
-    doc["model"] = target_model
-    return orjson.dumps(doc)
+def _string_end(body: bytes, quote: int) -> int:
+    """Index of the quote closing the JSON string that opens at ``quote`` (-1 if unterminated)."""
+    end = body.find(b'"', quote + 1)
+    while end > 0 and body[end - 1] == 0x5C:  # a backslash before it: escaped unless the run is even
+        run = end - 1
+        while body[run - 1] == 0x5C:
+            run -= 1
+        if (end - run) % 2 == 0:
+            break
+        end = body.find(b'"', end + 1)
+    return end
+
+
+def _top_level_string_spans(body: bytes, key: str) -> list[tuple[int, int]]:
+    """Where each top-level member ``key`` has a string value (a duplicated key appears twice).
+
+    Strings are skipped with ``bytes.find`` (the body is mostly prompt text), so only the
+    few bytes between strings are looked at one by one.
+    """
+    depth, expect_key, current, i = 0, False, None, 0
+    found: list[tuple[int, int]] = []
+    while True:
+        quote = body.find(b'"', i)
+        for byte in body[i : quote if quote >= 0 else len(body)]:
+            if byte in b"{[":
+                depth += 1
+                expect_key = depth == 1 and byte == 0x7B
+                if depth == 2:
+                    current = None  # an object or array value: not a string
+            elif byte in b"}]":
+                depth -= 1
+            elif byte == 0x2C and depth == 1:  # ","
+                expect_key, current = True, None
+        if quote < 0:
+            return found
+        end = _string_end(body, quote)
+        if end < 0:
+            return found
+        if depth == 1 and expect_key:
+            raw = body[quote + 1 : end]
+            current = orjson.loads(body[quote : end + 1]) if b"\\" in raw else raw.decode("utf-8", "replace")
+            expect_key = False
+        elif depth == 1 and current is not None:
+            if current == key:
+                found.append((quote, end + 1))
+            current = None
+        i = end + 1
+
+
+def rewrite_model(body: bytes, doc: dict[str, Any], target_model: str) -> bytes:
+    """``body`` with its ``model`` set to ``target_model``.
+
+    Only the model's value is replaced: every other byte is the client's, so numbers beyond
+    64 bits, key order, spacing and nesting deeper than any serialiser allows reach the pod
+    as sent (and the rest of the body is not serialised again).  A duplicated ``model`` key
+    is rewritten everywhere, so parsers that keep the first and ones that keep the last agree.
+    """
+    spans = _top_level_string_spans(body, "model")
+    if spans:
+        value = orjson.dumps(target_model)
+        parts: list[bytes] = []
+        at = 0
+        for start, end in spans:
+            parts += (body[at:start], value)
+            at = end
+        parts.append(body[at:])
+        return b"".join(parts)
+    try:  # not found by the scanner (never for a document orjson parsed): serialise the document
+        return orjson.dumps({**doc, "model": target_model})
+    except TypeError:
+        raise BadRequest("request body cannot be rewritten (nested too deeply)") from None
 
 
 @dataclass(slots=True)
@@ -205,7 +281,7 @@ class UsageParser:
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
-            if not data or data == b"[DONE]":
+            if not _may_carry_usage(data):  # most events are tokens: skip them without parsing
                 continue
             try:
                 usage = _usage_from(orjson.loads(data))
@@ -213,6 +289,18 @@ class UsageParser:
                 continue
             if usage is not None:
                 self.usage = usage
+
+
+def _may_carry_usage(data: bytes) -> bool:
+    """False when an event's JSON cannot hold a usage object: no ``"usage"`` key, or ``"usage": null``
+    (vLLM sends that on every token when ``include_usage`` is on)."""
+    at = data.find(b'"usage"')
+    while at >= 0:
+        rest = data[at + 7 : at + 32].lstrip()
+        if rest[:1] == b":" and rest[1:].lstrip()[:1] == b"{":
+            return True
+        at = data.find(b'"usage"', at + 7)
+    return False
 
 
 def _find_event_end(buf: bytearray, start: int) -> tuple[int, int]:
@@ -229,28 +317,42 @@ class ModelNameRestorer:
     """Replace ``"model":"<target>"`` with the client-facing name in response chunks.
 
     Keeps a small tail between chunks so a match split across chunk boundaries is
-    still replaced; output bytes are delayed by at most that tail.
+    still replaced; output bytes are delayed by at most that tail.  Only bytes not yet
+    replaced are searched, so a restored name is never matched again.
     """
 
     def __init__(self, target: str, client: str) -> None:
         t, c = orjson.dumps(target), orjson.dumps(client)
-        self._pairs = [(b'"model":' + t, b'"model":' + c), (b'"model": ' + t, b'"model": ' + c)]
-        self._keep = max(len(p[0]) for p in self._pairs) - 1
+        self._pattern = re.compile(b'"model":( ?)' + re.escape(t))
+        self._client = c
+        self._olds = (b'"model":' + t, b'"model": ' + t)
+        self._keep = len(self._olds[1]) - 1
         self._tail = b""
 
+    def pending(self) -> bytes:
+        """The held-back tail, handed out (for a response that ends without a final body chunk)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
     def feed(self, chunk: bytes, end: bool) -> bytes:
-        data = self._tail + chunk
-        for old, new in self._pairs:
-            data = data.replace(old, new)
-        if end:
-            self._tail = b""
-            return data
-        start = max(0, len(data) - self._keep)
-        while (i := data.find(b'"', start)) >= 0:
-            rest = data[i:]
-            if any(old.startswith(rest) for old, _ in self._pairs):
-                self._tail = bytes(rest)
-                return data[:i]
-            start = i + 1
+        data = self._tail + chunk if self._tail else chunk
+        out: list[bytes] = []
+        at = 0
+        if b'"model"' in data:
+            for match in self._pattern.finditer(data):
+                out += (data[at : match.start()], b'"model":', match.group(1), self._client)
+                at = match.end()
+        rest = data[at:] if at else data
         self._tail = b""
-        return data
+        if not end:
+            start = max(0, len(rest) - self._keep)
+            while (i := rest.find(b'"', start)) >= 0:
+                if any(old.startswith(rest[i:]) for old in self._olds):
+                    self._tail = bytes(rest[i:])
+                    rest = rest[:i]
+                    break
+                start = i + 1
+        if not out:
+            return rest
+        out.append(rest)
+        return b"".join(out)

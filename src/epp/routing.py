@@ -17,9 +17,8 @@ from typing import Any, Protocol
 
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicies, Pick, TargetModel
 from epp.errors import ModelNotFound, NoEndpoints, PathNotAllowed, clip
-from epp.openai import rewrite_model
 from epp.scheduling import Scheduler
-from epp.wire import ADMIN_PATHS, MODEL_REWRITE_HEADER, OBJECTIVE_HEADER
+from epp.wire import ADMIN_PATHS
 
 
 class MirrorLoad(Protocol):
@@ -131,23 +130,24 @@ class Router:
                 raise ModelNotFound(f"model {clip(request.model)} is not served by this pool")
             target = choose_target(policy.targets, self._rng) or request.model
             criticality = policy.criticality
-        objective = request.headers.get(OBJECTIVE_HEADER)
-        if objective:
-            priority = policies.objectives.get(objective)
+        if request.objective:
+            priority = policies.objectives.get(request.objective)
             if priority is not None:
                 criticality = Criticality.from_priority(priority)
         if self._trust_rewrite:  # a client's own copy is ignored unless the operator trusts the header
-            target = request.headers.get(MODEL_REWRITE_HEADER) or target
+            target = request.model_rewrite or target
         if target == request.target_model and criticality is request.criticality:
             return request
         return dataclasses.replace(request, target_model=target, criticality=criticality)
 
-    def route(self, request: InferenceRequest, doc: dict[str, Any] | None = None) -> Pick:
-        """Pick endpoints for a parsed request; rewrite the body if the target model differs.
+    def route(self, request: InferenceRequest) -> Pick:
+        """Pick endpoints for a request: the model policy (for a request that names a model),
+        the subset hint, admission, the scheduler and the mirror pick.
 
-        The path was checked on the request headers (:meth:`check_path`), before any body.
+        The path was checked on the request headers (:meth:`check_path`), before any body;
+        the transport rewrites the body when ``Pick.target_model`` differs from the model.
         """
-        if doc is not None:
+        if request.model:
             request = self.resolve_model(request)
         pool = self._pool.routable()
         candidates = filter_subset(pool, request.subset)
@@ -163,12 +163,7 @@ class Router:
         ranked = self._scheduler.schedule(request, candidates)
         if self._observe is not None:
             self._observe(time.perf_counter() - start)
-        body = None
-        if doc is not None and request.target_model != request.model:
-            body = rewrite_model(doc, request.target_model)
-        return Pick(
-            endpoints=tuple(ranked), target_model=request.target_model, body=body, mirror=self.pick_mirror(request)
-        )
+        return Pick(endpoints=tuple(ranked), target_model=request.target_model, mirror=self.pick_mirror(request))
 
     def serving(self, model: str, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         """The candidates that can serve ``model``, when epp knows: an endpoint whose ``/v1/models``

@@ -24,7 +24,7 @@ mirror: {name: shadow, endpoints: ["127.0.0.1:8003"]}
 )
 NO_MIRROR = POOL.model_copy(update={"mirror": None})
 COMBOS: list[tuple[BodyMode, LbMode, bool, bool]] = list(
-    itertools.product(("full-duplex", "buffered"), ("original-dst", "override-host"), (False, True), (False, True))
+    itertools.product(("lean", "full-duplex", "buffered"), ("original-dst", "override-host"), (False, True), (False, True))
 )
 
 
@@ -47,7 +47,7 @@ async def test_envoy_accepts_every_combination() -> None:
 
 
 async def test_validate_reports_envoys_message() -> None:
-    boot = render_bootstrap(NO_MIRROR, listen_port=0, epp_address="127.0.0.1:9002")
+    boot = render_bootstrap(NO_MIRROR, listen_port=0, epp_address="127.0.0.1:9002", body_mode="full-duplex")
     ext_proc_config(boot)["processing_mode"]["request_trailer_mode"] = "SKIP"
     with pytest.raises(ConfigError, match="request_trailer_mode has to be set to SEND"):
         await validate(boot)

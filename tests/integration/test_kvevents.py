@@ -245,7 +245,7 @@ async def test_epp_serve_wiring_subscribes_per_pod_and_routes_on_blocks_it_never
         assert pods[1].kv_events is not None and pods[1].kv_events.seq > 0
         await asyncio.wait_for(app.kv_subscriber.received(pods[1].address, pods[1].kv_events.seq), DEADLINE)
         request = InferenceRequest(request_id="r", model=MODEL, target_model=MODEL, prompt=prompt + " second")
-        picks = {app.router.route(request, {"model": MODEL}).primary.address for _ in range(10)}
+        picks = {app.router.route(request).primary.address for _ in range(10)}
         assert picks == {pods[1].address}
     finally:
         for pod in pods:

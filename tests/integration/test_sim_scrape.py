@@ -63,8 +63,8 @@ async def test_epp_sees_real_queueing_on_a_paused_pod(write_pool, start_app):
         assert m is not None and (m.waiting, m.running) == (0, 0)
 
 
-def _request(model: str) -> tuple[InferenceRequest, dict[str, object]]:
-    return InferenceRequest(request_id="r", model=model, target_model=model, prompt="hi"), {"model": model}
+def _request(model: str) -> InferenceRequest:
+    return InferenceRequest(request_id="r", model=model, target_model=model, prompt="hi")
 
 
 async def _scrape_all(app) -> None:
@@ -83,13 +83,13 @@ async def test_adapter_requests_go_only_to_pods_whose_v1_models_lists_the_adapte
         app = await start_app(write_pool(fleet.addresses), refresh_metrics_interval=3600.0)
         await _scrape_all(app)
         assert app.datastore.servers_of("sql-lora") == {holder.address}
-        picks = Counter(app.router.route(*_request("sql-lora")).primary.address for _ in range(30))
+        picks = Counter(app.router.route(_request("sql-lora")).primary.address for _ in range(30))
         assert picks == {holder.address: 30}
-        base = Counter(app.router.route(*_request("/model/llama2")).primary.address for _ in range(30))
+        base = Counter(app.router.route(_request("/model/llama2")).primary.address for _ in range(30))
         assert set(base) == set(fleet.addresses)  # the base model is everywhere: no narrowing
         others[0].adapters["sql-lora"] = "/adapters/sql-lora"  # loaded on a second pod: learnt at its next read
         assert await app.scrapers.scrapers[others[0].address].models_once()
-        picks = Counter(app.router.route(*_request("sql-lora")).primary.address for _ in range(40))
+        picks = Counter(app.router.route(_request("sql-lora")).primary.address for _ in range(40))
         assert set(picks) == {holder.address, others[0].address}
 
 
@@ -104,7 +104,7 @@ async def test_a_killed_pod_is_dropped_at_its_first_refused_connection_and_back_
         assert not await app.scrapers.scrapers[address].scrape_once()
         assert app.datastore.fresh_metrics(address) is not None  # its last metrics are still "fresh" ...
         assert [e.address for e in app.datastore.routable()] == [alive.address]  # ... but it is not picked
-        assert {app.router.route(*_request("/model/llama2")).primary.address for _ in range(20)} == {alive.address}
+        assert {app.router.route(_request("/model/llama2")).primary.address for _ in range(20)} == {alive.address}
         restarted = SimPod(dataclasses.replace(dead.config))
         await restarted.start(port=port)
         try:

@@ -59,20 +59,23 @@ class GatewayStarter:
         failure_mode: str = "FailClose", models: list[dict[str, Any]] | None = MODELS, mirror: bool = False,
         epp_extra_endpoints: tuple[str, ...] = (), envoy_endpoints: list[int] | None = None,
         mutate: Callable[[dict[str, Any]], None] | None = None, shadows: list[str] | None = None,
-        mirror_lb: str = "load-aware", **overrides: Any,
+        mirror_lb: str = "load-aware", extra_endpoints: tuple[str, ...] = (), **overrides: Any,
     ) -> Gateway:
+        """``extra_endpoints``: pods the test serves itself, in both epp's pool and Envoy's cluster."""
         tmp, k = self.tmp_path, len(self.started)
         ups = [await Upstream(f"pod-{i}").start() for i in range(n)]
         shadow = await Upstream("shadow").start() if mirror and shadows is None else None
         mirror_to = shadows if shadows is not None else [shadow.address] if shadow is not None else None
-        doc = pool_doc([u.address for u in ups] + list(epp_extra_endpoints), models=models, mirror=mirror_to,
+        doc = pool_doc([u.address for u in ups] + [*epp_extra_endpoints, *extra_endpoints], models=models,
+                       mirror=mirror_to,
                        failure_mode=failure_mode)
         epp_pool = write_yaml(tmp / f"epp-{k}.yaml", doc)
         app = App(settings(epp_pool, secure_serving=tls, **overrides), registry=CollectorRegistry(),
                   rng=random.Random(11))
         await app.start()
-        envoy_doc = pool_doc([ups[i].address for i in (envoy_endpoints or range(n))], models=models,
-                             mirror=mirror_to, failure_mode=failure_mode)  # Envoy's cluster may list fewer
+        in_envoy = [*(ups[i].address for i in (envoy_endpoints or range(n))), *extra_endpoints]
+        envoy_doc = pool_doc(in_envoy, models=models, mirror=mirror_to,
+                             failure_mode=failure_mode)  # Envoy's cluster may list fewer
         envoy_pool = write_yaml(tmp / f"envoy-{k}.yaml", envoy_doc)
         config = render_bootstrap(
             load_pool_file(envoy_pool), listen_port=0, epp_address=f"127.0.0.1:{app.grpc_port}",

@@ -92,11 +92,18 @@ class Upstream:
         )
 
 
-async def wait_for_arrivals(upstreams: Sequence[Upstream], n: int, timeout: float = 10.0) -> None:
-    """Until the stand-ins have seen ``n`` requests between them (each ``arrived`` event is
-    cleared and re-awaited on the way); ``TimeoutError`` after ``timeout`` seconds."""
+async def wait_for_arrivals(
+    upstreams: Sequence[Upstream], n: int, timeout: float = 10.0, *, method: str | None = None
+) -> None:
+    """Until the stand-ins have seen ``n`` requests between them (only ``method`` ones, when
+    given: epp's own GET /v1/models reads arrive too); each ``arrived`` event is cleared and
+    re-awaited on the way; ``TimeoutError`` after ``timeout`` seconds."""
+
+    def count() -> int:
+        return sum(1 for u in upstreams for s in u.seen if method is None or s.method == method)
+
     async with asyncio.timeout(timeout):
-        while sum(len(u.seen) for u in upstreams) < n:
+        while count() < n:
             for u in upstreams:
                 u.arrived.clear()
             waits = [asyncio.ensure_future(u.arrived.wait()) for u in upstreams]

@@ -12,6 +12,7 @@ import logging
 import sys
 
 import pytest
+import yaml
 
 from epp.cli import build_parser, main, settings_from
 
@@ -71,7 +72,7 @@ def test_logging_works_after_an_in_process_serve(caplog, capsys):
     assert "Logging error" not in capsys.readouterr().err  # what a closed stream gives
 
 
-@pytest.mark.parametrize(("body_mode", "warned"), [(None, True), ("buffered", False)])
+@pytest.mark.parametrize(("body_mode", "warned"), [(None, False), ("full-duplex", True), ("buffered", False)])
 def test_envoy_config_warns_that_full_duplex_cannot_fail_open(tmp_path, capsys, body_mode, warned):
     from epp.cli import main
 
@@ -82,3 +83,5 @@ def test_envoy_config_warns_that_full_duplex_cannot_fail_open(tmp_path, capsys, 
     assert main(argv + (["--body-mode", body_mode] if body_mode else [])) == 0
     err = capsys.readouterr().err
     assert ("ignores fail-open" in err) is warned
+    rendered = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
+    assert ("layered_runtime" in rendered) is (body_mode is None)  # lean is the default

@@ -48,9 +48,30 @@ def test_other_paths_need_only_a_model():
     assert parse({"model": "m", "input": "x"}, "/v1/embeddings").model == "m"
 
 
-def test_rewrite_model_keeps_other_fields():
-    out = orjson.loads(rewrite_model({"model": "a", "prompt": "p", "n": 1}, "b"))
-    assert out == {"model": "b", "prompt": "p", "n": 1}
+REWRITES = [
+    (b'{"model":"a","prompt":"p","n":1}', b'{"model":"b","prompt":"p","n":1}'),
+    # only the value changes: spacing, key order and other bytes are the client's
+    (b' { "prompt" : {"model": "nested"}, "model" : "a" , "n":1}',
+     b' { "prompt" : {"model": "nested"}, "model" : "b" , "n":1}'),
+    (b'{"x":["model","a"],"model":"a"}', b'{"x":["model","a"],"model":"b"}'),
+    (b'{"mod\\u0065l":"a","p":"\\"model\\""}', b'{"mod\\u0065l":"b","p":"\\"model\\""}'),
+    (b'{"model":"x","model":"a"}', b'{"model":"b","model":"b"}'),  # first-wins and last-wins parsers agree
+    (b'{"seed":123456789012345678901234567890,"model":"a"}', b'{"seed":123456789012345678901234567890,"model":"b"}'),
+    (b'{"p":"x\\\\","model":"a\\"q"}', b'{"p":"x\\\\","model":"b"}'),
+    (b'{"model":"a","deep":' + b"[" * 600 + b"]" * 600 + b"}",
+     b'{"model":"b","deep":' + b"[" * 600 + b"]" * 600 + b"}"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), REWRITES,
+                         ids=["plain", "spacing", "in-array", "escaped-key", "duplicate", "big-int", "escapes", "deep"])
+def test_rewrite_model_replaces_only_the_top_level_models_value(body, expected):
+    doc = {"model": "a"}  # what parse_inference_request decoded (its other fields do not matter here)
+    assert rewrite_model(body, doc, "b") == expected
+
+
+def test_rewrite_model_falls_back_to_the_document():
+    assert orjson.loads(rewrite_model(b"not json at all", {"model": "a", "n": 1}, "b")) == {"model": "b", "n": 1}
 
 
 def test_usage_from_json_body_in_pieces():

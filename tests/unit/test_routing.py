@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import random
 
-import orjson
 import pytest
 
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicy, TargetModel
@@ -64,27 +63,26 @@ def make_router(policies=None, endpoints=EPS, **kw):
 
 def test_model_policy_rewrites_body_and_sets_criticality():
     router, _ = make_router({"m": ModelPolicy("m", Criticality.CRITICAL, (TargetModel("t", 1),))})
-    pick = router.route(req(), {"model": "m", "prompt": "x"})
-    assert pick.target_model == "t" and orjson.loads(pick.body or b"")["model"] == "t"
+    pick = router.route(req())
+    assert pick.target_model == "t"  # the transport rewrites the body (openai.rewrite_model)
     assert len(pick.endpoints) == 2  # primary + one fallback
 
 
 def test_unknown_model_404_only_when_models_are_declared():
     router, _ = make_router({"m": ModelPolicy("m")})
     with pytest.raises(ModelNotFound):
-        router.route(req("other"), {"model": "other"})
+        router.route(req("other"))
     open_router, _ = make_router(None)
-    assert open_router.route(req("other"), {"model": "other"}).body is None
+    assert open_router.route(req("other")).target_model == "other"
 
 
 def test_a_clients_rewrite_header_is_ignored_unless_the_operator_trusts_it():
-    headers = {"x-gateway-model-name-rewrite": "evil-model"}
     router, _ = make_router({"m": ModelPolicy("m")})
-    pick = router.route(req(headers=headers), {"model": "m"})
-    assert pick.target_model == "m" and pick.body is None  # the allowlist holds
+    pick = router.route(req(model_rewrite="evil-model"))
+    assert pick.target_model == "m"  # the allowlist holds
     trusting, _ = make_router(None, trust_model_rewrite_header=True)
-    pick = trusting.route(req(headers={"x-gateway-model-name-rewrite": "lora-x"}), {"model": "m"})
-    assert pick.target_model == "lora-x" and orjson.loads(pick.body or b"")["model"] == "lora-x"
+    pick = trusting.route(req(model_rewrite="lora-x"))
+    assert pick.target_model == "lora-x"
 
 
 @pytest.mark.parametrize(
@@ -110,51 +108,50 @@ def test_admin_paths_are_not_routed(path, blocked):
         assert err.value.http_status == 403 and store.load.total_inflight() == 0
     else:
         router.check_path(path)
-        assert router.route(request, {"model": "m"}).primary in EPS
+        assert router.route(request).primary in EPS
     open_router, _ = make_router(None, blocked_paths=())
     open_router.check_path(path)  # an operator may route them
-    assert open_router.route(request, {"model": "m"}).primary in EPS
+    assert open_router.route(request).primary in EPS
 
 
 def test_an_unknown_models_name_is_clipped_in_the_error():
     router, _ = make_router({"m": ModelPolicy("m")})
     huge = "x" * 1_000_000
     with pytest.raises(ModelNotFound) as err:
-        router.route(req(huge), {"model": huge})
+        router.route(req(huge))
     assert len(err.value.message) < 300 and "chars)" in err.value.message
 
 
 def test_no_endpoints():
     router, _ = make_router(None, endpoints=[])
     with pytest.raises(NoEndpoints):
-        router.route(req(), {"model": "m"})
+        router.route(req())
 
 
 def test_least_inflight_prefers_idle_endpoints():
     router, store = make_router(None)
     store.load.acquire(EPS[0])
     store.load.acquire(EPS[1])
-    assert router.route(req(), {"model": "m"}).primary.name == "c"
+    assert router.route(req()).primary.name == "c"
 
 
 @pytest.mark.parametrize(("objective", "shed"), [("batch", True), ("chat", False), ("unknown", False), (None, False)])
 def test_shedding_by_objective_priority(objective, shed):
     store = store_with([m(waiting=9), m(waiting=9)])  # saturated; objective "batch" has priority -1
     router = Router(store, build_scheduler("epp-default", store))
-    headers = {"x-gateway-inference-objective": objective} if objective else {}
-    r = req("base", headers=headers)
+    r = req("base", objective=objective or "")
     if shed:
         with pytest.raises(Shed):
-            router.route(r, {"model": "base"})
+            router.route(r)
     else:
-        assert router.route(r, {"model": "base"}).primary in store.endpoints()
+        assert router.route(r).primary in store.endpoints()
 
 
 def test_model_criticality_from_policy_sheds():
     store = store_with([m(waiting=9)], models={"base": ModelPolicy("base", Criticality.SHEDDABLE)})
     router = Router(store, build_scheduler("epp-default", store))
     with pytest.raises(Shed):
-        router.route(req("base"), {"model": "base"})
+        router.route(req("base"))
 
 
 def test_a_model_goes_only_where_it_is_served_or_unknown():
@@ -162,8 +159,8 @@ def test_a_model_goes_only_where_it_is_served_or_unknown():
     a, b, c = EPS
     store.set_served_models(a.address, frozenset({"m", "sql-lora"}))
     store.set_served_models(b.address, frozenset({"m"}))
-    assert {router.route(req("sql-lora"), {"model": "sql-lora"}).primary for _ in range(30)} == {a, c}  # c: unknown
+    assert {router.route(req("sql-lora")).primary for _ in range(30)} == {a, c}  # c: unknown
     store.set_served_models(c.address, frozenset({"m"}))
-    assert {router.route(req("sql-lora"), {"model": "sql-lora"}).primary for _ in range(30)} == {a}
-    assert len({router.route(req("m"), {"model": "m"}).primary for _ in range(30)}) == 3
-    assert {router.route(req("other"), {"model": "other"}).primary for _ in range(30)} == {a, b, c}  # nobody: as before
+    assert {router.route(req("sql-lora")).primary for _ in range(30)} == {a}
+    assert len({router.route(req("m")).primary for _ in range(30)}) == 3
+    assert {router.route(req("other")).primary for _ in range(30)} == {a, b, c}  # nobody: as before

@@ -9,7 +9,13 @@ The result is a plain ``dict`` (``dump_bootstrap`` turns it into YAML) with:
 
 Choices, each tested against Envoy 1.40 (the facts are in ``docs/envoy-wiring.md``):
 
-* **Body modes.**  ``full-duplex`` streams the request body to epp (FULL_DUPLEX_STREAMED);
+* **Body modes.**  ``lean`` (the default) sends the whole request body in one message
+  (BUFFERED) and only the response *headers*: three messages a request, and no response
+  chunk crosses Python.  The request's end is the ext_proc stream's close, which Envoy
+  sends when the HTTP stream ends; the bootstrap's runtime layer turns off the 1.37+
+  early-close optimization so that stays true.  epp asks for a response body only when it
+  must restore a rewritten model name (``mode_override``).  Usage tokens are then not read.
+  ``full-duplex`` streams the request body to epp (FULL_DUPLEX_STREAMED);
   Envoy then *requires* the trailer mode of that direction to be SEND, and arms no
   per-message timer.  ``buffered`` sends the whole request body in one message and
   streams the response (STREAMED) so SSE is not held back.  Its per-message timer
@@ -64,7 +70,7 @@ from epp.wire import (
     SUBSET_HINT_NAMESPACE,
 )
 
-BodyMode = Literal["full-duplex", "buffered"]
+BodyMode = Literal["lean", "buffered", "full-duplex"]
 LbMode = Literal["original-dst", "override-host"]
 MirrorMode = Literal["load-aware", "plain"]
 
@@ -94,7 +100,7 @@ def render_bootstrap(
     listen_port: int,
     epp_address: str,
     listen_address: str = "127.0.0.1",
-    body_mode: BodyMode = "full-duplex",
+    body_mode: BodyMode = "lean",
     lb: LbMode = "override-host",
     epp_tls: bool = False,
     admin_port: int = 0,
@@ -155,15 +161,18 @@ def render_bootstrap(
             {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
         ],
     }
-    if body_mode == "buffered":
+    if body_mode != "full-duplex":
         # The stream's decoder buffer limit comes from the listener; past it Envoy sends 413.
         listener["per_connection_buffer_limit_bytes"] = max_body_bytes + _MIB
 
-    return {
+    bootstrap: dict[str, Any] = {
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},
         "static_resources": {"listeners": [listener], "clusters": clusters},
         "overload_manager": _overload_manager(),
     }
+    if body_mode == "lean":
+        bootstrap["layered_runtime"] = _keep_ext_proc_stream_open()
+    return bootstrap
 
 
 def dump_bootstrap(bootstrap: dict[str, Any]) -> str:
@@ -246,7 +255,36 @@ def _access_log(path: str) -> dict[str, Any]:
     }
 
 
+def _keep_ext_proc_stream_open() -> dict[str, Any]:
+    # The lean wiring learns a request's end from the ext_proc stream's close.  Since 1.37
+    # Envoy may close that stream once nothing more is configured to be sent (this runtime
+    # guard, default true); measured on 1.40 the stream stays open to the HTTP stream's end
+    # in this wiring either way, and the guard is off so other versions keep to that too.
+    return {
+        "layers": [
+            {
+                "name": "epp",
+                "static_layer": {"envoy.reloadable_features.ext_proc_stream_close_optimization": False},
+            },
+            {"name": "admin", "admin_layer": {}},
+        ]
+    }
+
+
 def _processing_mode(body_mode: BodyMode) -> dict[str, str]:
+    if body_mode == "lean":
+        # Three messages a request: headers, the whole body (epp routes on it), response
+        # headers (status, the endpoint that served).  No response body crosses epp unless a
+        # rewritten model name must be restored (epp asks for it with mode_override); the
+        # request's end is the stream's close.
+        return {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        }
     if body_mode == "full-duplex":
         # Envoy rejects FULL_DUPLEX_STREAMED unless that direction's trailers are sent too.
         return {
@@ -355,6 +393,8 @@ def _ext_proc_filter(body_mode: BodyMode, *, fail_open: bool) -> dict[str, Any]:
             # Not armed in FULL_DUPLEX_STREAMED; in BUFFERED it replaces the 200 ms default.
             "message_timeout": _MESSAGE_TIMEOUT,
             "processing_mode": _processing_mode(body_mode),
+            # lean: epp may ask for a response body (to restore a rewritten model name)
+            "allow_mode_override": body_mode == "lean",
             "metadata_options": {
                 "forwarding_namespaces": {"untyped": [LB_NAMESPACE, SUBSET_HINT_NAMESPACE]},
                 "receiving_namespaces": {"untyped": [LB_NAMESPACE]},

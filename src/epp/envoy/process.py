@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -98,8 +99,10 @@ class EnvoyProcess:
         base_id: int | None = None,
         log_level: str = "warning",
         workdir: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self._yaml = _yaml_text(config)
+        self._extra_args = tuple(extra_args)  # e.g. ("--concurrency", "1")
         self._base_id = base_id
         self._log_level = log_level
         self._workdir = workdir
@@ -155,6 +158,7 @@ class EnvoyProcess:
             argv += ["--use-dynamic-base-id", "--base-id-path", str(self.workdir / "base-id")]
         else:
             argv += ["--base-id", str(self._base_id)]
+        argv += self._extra_args
         stdout = await asyncio.to_thread(self.stdout_path.open, "ab")
         stderr = await asyncio.to_thread(self.stderr_path.open, "ab")
         try:

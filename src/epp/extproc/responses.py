@@ -90,9 +90,14 @@ def request_body_response(
 
 
 def response_headers_response(
-    set_headers: Mapping[str, str] | None = None, remove: Sequence[str] = ()
+    set_headers: Mapping[str, str] | None = None, remove: Sequence[str] = (), *, body_mode: int | None = None
 ) -> ProcessingResponse:
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common(set_headers, remove=remove)))
+    """Answer ``response_headers``; ``body_mode`` asks Envoy to send this response's body after all
+    (``mode_override``: honoured when the filter allows overrides and no direction is full-duplex)."""
+    reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common(set_headers, remove=remove)))
+    if body_mode is not None:
+        reply.mode_override.response_body_mode = body_mode
+    return reply
 
 
 def response_body_response(
@@ -103,14 +108,25 @@ def response_body_response(
 
 
 def streamed_body(phase: str, body: bytes, end_of_stream: bool) -> Iterator[ProcessingResponse]:
-    """Full-duplex body replies: ``body`` in chunks of at most 62,000 bytes, EoS on the last."""
-    chunks = [body[i : i + MAX_CHUNK_BYTES] for i in range(0, len(body), MAX_CHUNK_BYTES)] or [b""]
-    last = len(chunks) - 1
-    for i, chunk in enumerate(chunks):
-        mutation = pb.BodyMutation(
-            streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=end_of_stream and i == last)
-        )
-        yield pb.ProcessingResponse(**{phase: pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))})
+    """Full-duplex body replies: ``body`` in chunks of at most 62,000 bytes, EoS on the last.
+
+    Fields are assigned in place on one message: nested constructors would copy the
+    chunk once per level (this runs for every response chunk in full-duplex).
+    """
+    if len(body) <= MAX_CHUNK_BYTES:
+        reply = pb.ProcessingResponse()
+        streamed = getattr(reply, phase).response.body_mutation.streamed_response
+        streamed.body = body
+        streamed.end_of_stream = end_of_stream
+        yield reply
+        return
+    last = (len(body) - 1) // MAX_CHUNK_BYTES * MAX_CHUNK_BYTES
+    for start in range(0, len(body), MAX_CHUNK_BYTES):
+        reply = pb.ProcessingResponse()
+        streamed = getattr(reply, phase).response.body_mutation.streamed_response
+        streamed.body = body[start : start + MAX_CHUNK_BYTES]
+        streamed.end_of_stream = end_of_stream and start == last
+        yield reply
 
 
 def trailers_response(phase: str) -> ProcessingResponse:

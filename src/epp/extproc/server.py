@@ -23,9 +23,9 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from epp.errors import ConfigError
+from epp.extproc import reflection
 from epp.extproc.stream import ExtProcStream
 from epp.observability.logging import request_id_var
 from epp.observability.metrics import EppMetrics

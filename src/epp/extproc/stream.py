@@ -27,13 +27,12 @@ Gateway) gets no echo: the served endpoint is the gateway's to report, not epp's
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-from google.protobuf import json_format
 
 from epp.datalayer import Datastore, InflightTicket
 from epp.domain import InferenceRequest, Pick
@@ -41,14 +40,24 @@ from epp.errors import BadRequest, HeadersTooMany, NoEndpoints, PayloadTooLarge,
 from epp.extproc import responses
 from epp.extproc.protocol import BodySendMode, Phase
 from epp.observability.logging import request_id_var
-from epp.observability.metrics import EppMetrics
-from epp.openai import ModelNameRestorer, UsageParser, new_request_id, parse_inference_request
+from epp.observability.metrics import EppMetrics, ModelSeries
+from epp.openai import (
+    CHAT_COMPLETIONS,
+    COMPLETIONS,
+    ModelNameRestorer,
+    UsageParser,
+    new_request_id,
+    parse_inference_request,
+    rewrite_model,
+)
 from epp.routing import Router, filter_subset, parse_subset
 from epp.wire import (
     DESTINATION_HEADER,
     LB_NAMESPACE,
     MAX_REQUEST_HEADERS,
     MIRROR_HEADER,
+    MODEL_REWRITE_HEADER,
+    OBJECTIVE_HEADER,
     REQUEST_ID_HEADER,
     SERVED_KEY,
     SUBSET_HINT_NAMESPACE,
@@ -61,26 +70,44 @@ log = logging.getLogger(__name__)
 
 Response = Any  # ProcessingResponse
 
+_BODY_REQUIRED = frozenset((COMPLETIONS, CHAT_COMPLETIONS))
+
+
+class RequestState(enum.Enum):
+    """Where the request direction of a stream is."""
+
+    HEADERS = "waiting for request headers"
+    BODY = "collecting the body"
+    ROUTED = "routed"  # the decision is made; anything more of the body passes through
+
+
+class ResponseState(enum.Enum):
+    """Where the response direction of a stream is."""
+
+    PENDING = "no response yet"
+    STREAMING = "response headers seen"
+    DONE = "response accounted"  # the claim is released
+
 
 @dataclass(slots=True)
 class RequestSide:
+    state: RequestState = RequestState.HEADERS
     mode: BodySendMode = BodySendMode.BUFFERED
     headers: dict[str, str] = field(default_factory=dict)
     header_count: int = 0  # entries as Envoy counts them (a repeated header counts each time)
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
     subset: tuple[str, ...] | None = None
-    routed: bool = False
 
 
 @dataclass(slots=True)
 class ResponseSide:
+    state: ResponseState = ResponseState.PENDING
     mode: BodySendMode = BodySendMode.NONE
     status: int = 0
     usage: UsageParser | None = None
     restorer: ModelNameRestorer | None = None
     served: str = ""  # the endpoint Envoy reports it used (envoy.lb metadata), if it reports one
-    done: bool = False
 
 
 @dataclass(slots=True)
@@ -91,6 +118,7 @@ class RequestContext:
     started: float = field(default_factory=time.monotonic)
     request: InferenceRequest | None = None
     ticket: InflightTicket | None = None
+    series: ModelSeries | None = None  # the model's metric children, once routed with a model
     model: str = ""
     target_model: str = ""
     req: RequestSide = field(default_factory=RequestSide)
@@ -104,9 +132,31 @@ def _header_map(http_headers: Any) -> dict[str, str]:
     return out
 
 
-def _filter_metadata(message: Any) -> dict[str, Any]:
-    fm = message.metadata_context.filter_metadata
-    return {ns: json_format.MessageToDict(fm[ns]) for ns in fm} if fm else {}
+def _metadata_value(message: Any, namespace: str, key: str) -> str | list[str] | None:
+    """One string (or list of strings) from the message's forwarded filter metadata, read in place
+    (no conversion of the whole metadata to dicts)."""
+    if not message.HasField("metadata_context"):
+        return None
+    filter_metadata = message.metadata_context.filter_metadata
+    if namespace not in filter_metadata:
+        return None
+    fields = filter_metadata[namespace].fields
+    if key not in fields:
+        return None
+    value = fields[key]
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return str(value.string_value)
+    if kind == "list_value":
+        return [str(v.string_value) for v in value.list_value.values if v.WhichOneof("kind") == "string_value"]
+    return []  # present but neither: an empty (matching nothing) hint
+
+
+def _body_mode(value: int, direction: str) -> BodySendMode:
+    try:
+        return BodySendMode(value)
+    except ValueError:
+        raise BadRequest(f"protocol_config names an unknown {direction} body mode {value}") from None
 
 
 class ExtProcStream:
@@ -134,28 +184,30 @@ class ExtProcStream:
         self.finished = False  # an ImmediateResponse was sent: Envoy ends the stream
         self._closed = False
         self._first = True
-        self._seen_headers = False  # one request per stream: one claim, whatever the stream sends
 
     # ---- dispatch ----------------------------------------------------------------------
     def handle(self, message: Any) -> list[Response]:
-        if self._first:
-            self._first = False
-            if message.HasField("protocol_config"):
-                pc = message.protocol_config
-                self.ctx.req.mode = BodySendMode(pc.request_body_mode)
-                self.ctx.resp.mode = BodySendMode(pc.response_body_mode)
-        phase = Phase(message.WhichOneof("request"))
         try:
-            if phase is Phase.REQUEST_HEADERS:
+            if self._first:
+                self._first = False
+                if message.HasField("protocol_config"):
+                    pc = message.protocol_config
+                    self.ctx.req.mode = _body_mode(pc.request_body_mode, "request")
+                    self.ctx.resp.mode = _body_mode(pc.response_body_mode, "response")
+            kind = message.WhichOneof("request")
+            if kind == Phase.REQUEST_HEADERS:
                 return self.on_request_headers(message)
-            if phase is Phase.REQUEST_BODY:
+            if kind == Phase.REQUEST_BODY:
                 return self.on_request_body(message.request_body.body, message.request_body.end_of_stream)
-            if phase is Phase.REQUEST_TRAILERS:
+            if kind == Phase.REQUEST_TRAILERS:
                 return self.on_request_trailers()
-            self._note_served(message)
-            if phase is Phase.RESPONSE_HEADERS:
+            if kind is None:
+                raise BadRequest("a ProcessingRequest with no request or response part")
+            if not self.ctx.resp.served:
+                self._note_served(message)
+            if kind == Phase.RESPONSE_HEADERS:
                 return self.on_response_headers(message)
-            if phase is Phase.RESPONSE_BODY:
+            if kind == Phase.RESPONSE_BODY:
                 return self.on_response_body(message.response_body.body, message.response_body.end_of_stream)
             return self.on_response_trailers()
         except Rejected as rejected:
@@ -164,22 +216,28 @@ class ExtProcStream:
     # ---- request path --------------------------------------------------------------------
     def on_request_headers(self, message: Any) -> list[Response]:
         ctx, req = self.ctx, self.ctx.req
-        if self._seen_headers:  # Envoy never does this; a client talking to the port directly might
+        if req.state is not RequestState.HEADERS:  # Envoy never does this; a client talking to the port might
             raise BadRequest("request_headers sent twice on one ext_proc stream")
-        self._seen_headers = True
-        req.headers = _header_map(message.request_headers)
-        req.header_count = len(message.request_headers.headers.headers)
-        ctx.request_id = req.headers.get(REQUEST_ID_HEADER) or new_request_id()
+        req.state = RequestState.BODY
+        http_headers = message.request_headers
+        req.headers = headers = _header_map(http_headers)
+        req.header_count = len(http_headers.headers.headers)
+        ctx.request_id = headers.get(REQUEST_ID_HEADER) or new_request_id()
         request_id_var.set(ctx.request_id)
-        self._router.check_path(req.headers.get(":path", ""))
-        hint = _filter_metadata(message).get(SUBSET_HINT_NAMESPACE)
-        if isinstance(hint, dict) and SUBSET_KEY in hint:
-            req.subset = parse_subset(hint[SUBSET_KEY])
-        if self._hooks and TEST_SELECTION_HEADER in req.headers:
-            req.subset = self._designated(req.headers[TEST_SELECTION_HEADER], req.subset)
-        if message.request_headers.end_of_stream or req.mode in (BodySendMode.NONE, BodySendMode.STREAMED):
+        path = headers.get(":path", "")
+        self._router.check_path(path)
+        hint = _metadata_value(message, SUBSET_HINT_NAMESPACE, SUBSET_KEY)
+        if hint is not None:
+            req.subset = parse_subset(hint)
+        if self._hooks and TEST_SELECTION_HEADER in headers:
+            req.subset = self._designated(headers[TEST_SELECTION_HEADER], req.subset)
+        if http_headers.end_of_stream:
+            if headers.get(":method") == "POST" and path.split("?", 1)[0] in _BODY_REQUIRED:
+                raise BadRequest(f"{path.split('?', 1)[0]} needs a JSON request body")
             return [self._route_headers_only()]
-        length = req.headers.get("content-length", "")
+        if req.mode in (BodySendMode.NONE, BodySendMode.STREAMED):
+            return [self._route_headers_only()]
+        length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self._max_body:
             raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {self._max_body}")
         if req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
@@ -195,8 +253,10 @@ class ExtProcStream:
 
     def on_request_body(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
         req = self.ctx.req
-        if req.routed:  # body after a headers-only decision (NONE/STREAMED modes): pass through
+        if req.state is RequestState.ROUTED:  # body after a headers-only decision (NONE/STREAMED modes)
             return self._pass_request_chunk(chunk, end_of_stream)
+        if req.state is RequestState.HEADERS:
+            raise BadRequest("request_body before request_headers")
         if chunk:
             req.size += len(chunk)
             if req.size > self._max_body:
@@ -211,7 +271,10 @@ class ExtProcStream:
 
     def on_request_trailers(self) -> list[Response]:
         out: list[Response] = []
-        if not self.ctx.req.routed:
+        state = self.ctx.req.state
+        if state is RequestState.HEADERS:
+            raise BadRequest("request_trailers before request_headers")
+        if state is RequestState.BODY:
             out = self._route_body(end_of_stream=False)
         out.append(responses.trailers_response(Phase.REQUEST_TRAILERS))
         return out
@@ -219,32 +282,37 @@ class ExtProcStream:
     def _route_headers_only(self) -> Response:
         ctx = self.ctx
         request = InferenceRequest(
-            request_id=ctx.request_id,
-            model="",
-            target_model="",
-            subset=ctx.req.subset,
-            headers=ctx.req.headers,
+            request_id=ctx.request_id, model="", target_model="", subset=ctx.req.subset, headers=ctx.req.headers
         )
         pick = self._router.route(request)
         return responses.request_headers_response(*self._destination(pick, None), clear_route_cache=True)
 
     def _route_body(self, *, end_of_stream: bool) -> list[Response]:
         ctx, req = self.ctx, self.ctx.req
-        body = b"".join(req.chunks)
+        body = req.chunks[0] if len(req.chunks) == 1 else b"".join(req.chunks)
         req.chunks = []
+        headers = req.headers
         request, doc = parse_inference_request(
-            body, req.headers, path=req.headers.get(":path", ""), request_id=ctx.request_id, subset=req.subset
+            body,
+            headers,
+            path=headers.get(":path", ""),
+            request_id=ctx.request_id,
+            subset=req.subset,
+            objective=headers.get(OBJECTIVE_HEADER, ""),
+            model_rewrite=headers.get(MODEL_REWRITE_HEADER, ""),
         )
         ctx.model = request.model
-        pick = self._router.route(request, doc)
-        new_body = pick.body if pick.body is not None else body
-        headers, metadata = self._destination(pick, request, body_len=len(new_body))
+        pick = self._router.route(request)
+        new_body = rewrite_model(body, doc, pick.target_model) if pick.target_model != request.model else None
+        mutation, metadata = self._destination(
+            pick, request, body_len=len(new_body) if new_body is not None else len(body)
+        )
         if req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
             return [
-                responses.request_headers_response(headers, metadata, clear_route_cache=True),
-                *responses.streamed_body(Phase.REQUEST_BODY, new_body, end_of_stream),
+                responses.request_headers_response(mutation, metadata, clear_route_cache=True),
+                *responses.streamed_body(Phase.REQUEST_BODY, new_body if new_body is not None else body, end_of_stream),
             ]
-        return [responses.request_body_response(headers, metadata, body=pick.body, clear_route_cache=True)]
+        return [responses.request_body_response(mutation, metadata, body=new_body, clear_route_cache=True)]
 
     def _destination(
         self, pick: Pick, request: InferenceRequest | None, body_len: int | None = None
@@ -267,16 +335,15 @@ class ExtProcStream:
                 f"the request has {ctx.req.header_count} headers; with the {added} the gateway adds "
                 f"that exceeds the limit of {self._max_headers}"
             )
-        ctx.req.routed = True
+        ctx.req.state = RequestState.ROUTED
         ctx.request = request
         ctx.target_model = pick.target_model
         ctx.ticket = self._store.load.acquire(pick.primary, request.prompt_tokens if request else 0)
         if request is not None:
-            series = self._metrics.series(ctx.model, ctx.target_model)
+            ctx.series = series = self._metrics.series(ctx.model, ctx.target_model)
             series.requests.inc()
             series.running.inc()
         addresses = ",".join(e.address for e in pick.endpoints)
-        log.debug("picked %s for model %s", addresses, ctx.target_model or "-")
         return headers, {LB_NAMESPACE: {DESTINATION_HEADER: addresses}}
 
     def _pass_request_chunk(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
@@ -288,18 +355,19 @@ class ExtProcStream:
     def _note_served(self, message: Any) -> None:
         """Move the in-flight claim to the endpoint Envoy reports it actually used."""
         ticket = self.ctx.ticket
-        if ticket is None or not message.HasField("metadata_context"):
+        if ticket is None:
             return
-        lb = _filter_metadata(message).get(LB_NAMESPACE)
-        served = lb.get(SERVED_KEY) if isinstance(lb, dict) else None
-        if isinstance(served, str) and served:
-            self.ctx.resp.served = served
-        if isinstance(served, str) and served and served != ticket.address and self._store.get(served):
+        served = _metadata_value(message, LB_NAMESPACE, SERVED_KEY)
+        if not isinstance(served, str) or not served:
+            return
+        self.ctx.resp.served = served
+        if served != ticket.address and self._store.get(served):
             log.debug("envoy served %s instead of %s", served, ticket.address)
             ticket.move_to(served)
 
     def on_response_headers(self, message: Any) -> list[Response]:
         ctx, resp = self.ctx, self.ctx.resp
+        resp.state = ResponseState.STREAMING
         headers = _header_map(message.response_headers)
         status = headers.get(":status", "0")
         resp.status = int(status) if status.isdigit() else 0
@@ -307,23 +375,32 @@ class ExtProcStream:
             # the pod does not have the model (an adapter unloaded since its last /v1/models read):
             # have the scraper read its /v1/models again now, so the next requests go elsewhere
             self._store.refresh_served_models(ctx.ticket.address)
-        sse = "text/event-stream" in headers.get("content-type", "") or (ctx.request is not None and ctx.request.stream)
-        resp.usage = UsageParser(sse=sse)
         remove: list[str] = []
+        body_mode: BodySendMode | None = None
         if ctx.request is not None and ctx.target_model and ctx.target_model != ctx.model:
             resp.restorer = ModelNameRestorer(ctx.target_model, ctx.model)
+            if resp.mode is BodySendMode.NONE:
+                # the lean wiring sends no response body: ask for this one, to restore the name
+                body_mode = resp.mode = BodySendMode.STREAMED
             if "content-length" in headers and resp.mode is not BodySendMode.BUFFERED:
                 remove.append("content-length")  # the restored name may change the length
+        if resp.mode is not BodySendMode.NONE:
+            sse = "text/event-stream" in headers.get("content-type", "") or (
+                ctx.request is not None and ctx.request.stream
+            )
+            resp.usage = UsageParser(sse=sse)
         echo = {TEST_SERVED_HEADER: resp.served} if self._hooks and resp.served else None
         if message.response_headers.end_of_stream:
             self._finish_response()
-        return [responses.response_headers_response(echo, remove=remove)]
+        return [responses.response_headers_response(echo, remove=remove, body_mode=body_mode)]
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
         resp = self.ctx.resp
         if resp.usage is not None:
             resp.usage.feed(chunk)
-        out = resp.restorer.feed(chunk, end_of_stream) if resp.restorer else chunk
+        # a BUFFERED body is the whole body even when trailers follow (end_of_stream false)
+        whole = end_of_stream or resp.mode is BodySendMode.BUFFERED
+        out = resp.restorer.feed(chunk, whole) if resp.restorer else chunk
         if end_of_stream:
             self._finish_response()
         if resp.mode is BodySendMode.FULL_DUPLEX_STREAMED:
@@ -334,37 +411,46 @@ class ExtProcStream:
         return [responses.response_body_response(out, extra)]
 
     def on_response_trailers(self) -> list[Response]:
+        out: list[Response] = []
+        resp = self.ctx.resp
+        if resp.restorer is not None and resp.mode is BodySendMode.FULL_DUPLEX_STREAMED:
+            held = resp.restorer.pending()  # the body ended without end_of_stream: trailers end it
+            if held:
+                out += responses.streamed_body(Phase.RESPONSE_BODY, held, False)
         self._finish_response()
-        return [responses.trailers_response(Phase.RESPONSE_TRAILERS)]
+        out.append(responses.trailers_response(Phase.RESPONSE_TRAILERS))
+        return out
 
     def _finish_response(self) -> None:
         ctx, resp = self.ctx, self.ctx.resp
-        if resp.done:
+        if resp.state is ResponseState.DONE:
             return
-        resp.done = True
-        if ctx.request is not None:
-            series = self._metrics.series(ctx.model, ctx.target_model)
-            series.duration.observe(self._clock() - ctx.started)
+        resp.state = ResponseState.DONE
+        series = ctx.series
+        if series is not None:
+            elapsed = self._clock() - ctx.started
+            series.duration.observe(elapsed)
             usage = resp.usage.finish() if resp.usage else None
             if usage is not None:
                 series.input_tokens.observe(usage.prompt_tokens)
                 series.output_tokens.observe(usage.completion_tokens)
             if resp.status >= 400:
                 self._metrics.request_error_total.labels(ctx.model, ctx.target_model, str(resp.status)).inc()
-            log.info(
-                "done model=%s target=%s endpoint=%s status=%s duration=%.3fs",
-                ctx.model,
-                ctx.target_model,
-                ctx.ticket.address if ctx.ticket else "-",
-                resp.status,
-                self._clock() - ctx.started,
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "done model=%s target=%s endpoint=%s status=%s duration=%.3fs",
+                    ctx.model,
+                    ctx.target_model,
+                    ctx.ticket.address if ctx.ticket else "-",
+                    resp.status,
+                    elapsed,
+                )
         self._release()
 
     def _release(self) -> None:
         ticket = self.ctx.ticket
-        if ticket is not None and ticket.release() and self.ctx.request is not None:
-            self._metrics.series(self.ctx.model, self.ctx.target_model).running.dec()
+        if ticket is not None and ticket.release() and self.ctx.series is not None:
+            self.ctx.series.running.dec()
 
     # ---- errors and end of stream ------------------------------------------------------
     def _reject(self, rejected: Rejected) -> Response:
@@ -383,9 +469,9 @@ class ExtProcStream:
             return
         self._closed = True
         ctx = self.ctx
-        if ctx.ticket is not None and not ctx.resp.done:
-            if cancelled and ctx.request is not None:
+        if ctx.ticket is not None and ctx.resp.state is not ResponseState.DONE:
+            if cancelled and ctx.series is not None and not ctx.resp.status:
                 self._metrics.request_error_total.labels(ctx.model, ctx.target_model, "Cancelled").inc()
             if ctx.resp.status or not cancelled:
                 self._finish_response()
-            self._release()
+        self._release()  # also a claim taken after the response ended (an out-of-order stream)

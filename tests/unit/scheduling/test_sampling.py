@@ -110,7 +110,7 @@ def test_the_mirror_pick_is_least_loaded_counts_its_copies_and_avoids_stale_pods
         build_scheduler("round-robin", store, rng=rng),
         mirror_scheduler=build_scheduler("least-loaded", store, rng=rng),
     )
-    picks = [router.route(req(), {"model": "m"}).mirror for _ in range(4)]
+    picks = [router.route(req()).mirror for _ in range(4)]
     # s1 has the shortest queue; each copy sent there counts until the next scrape,
     # so after two copies s0 (2 waiting, 1 running) ties on queue and wins on running
     assert [p.name if p else None for p in picks][:2] == ["s1", "s1"]

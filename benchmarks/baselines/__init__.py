@@ -1,0 +1,1 @@
+"""The floor ext_proc processors the benchmarks compare epp with (tooling, not product code)."""

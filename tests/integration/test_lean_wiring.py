@@ -1,0 +1,128 @@
+"""The lean wiring (``epp envoy-config`` default): request headers and the whole body go to
+epp, then only the response headers; no response chunk crosses epp, yet every claim is
+released exactly when the HTTP stream ends, because the end of the HTTP stream closes the
+ext_proc stream.  Proven here with real Envoy 1.40 on JSON, SSE, a client that disconnects
+mid-stream and an upstream that resets mid-stream; plus the message count, and the one case
+where epp asks for a response body after all (a rewritten model name to restore)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from support import MODELS
+from support.gateway import Gateway
+from support.upstreams import serve_app, wait_for_arrivals
+
+OPEN = None  # no `models:` section: no rewrite, so nothing asks for a response body
+COMPLETION = {"model": "m", "prompt": "Say hello", "max_tokens": 3}
+
+
+async def idle(gw: Gateway) -> None:
+    """The ext_proc stream closed (bounded: a timer-driven close would take 300 s)."""
+    async with asyncio.timeout(5):
+        await gw.app.servicer.wait_idle()
+    assert gw.app.datastore.load.total_inflight() == 0
+
+
+async def msgs(gw: Gateway) -> tuple[int, int]:
+    stats = await gw.envoy.stats(r"ext_proc\.stream_msgs_(sent|received)$")
+    sent = sum(v for k, v in stats.items() if k.endswith("sent"))
+    received = sum(v for k, v in stats.items() if k.endswith("received"))
+    return sent, received
+
+
+async def test_a_request_is_three_messages_each_way_and_no_response_chunk(gateway):
+    gw = await gateway(body_mode="lean", models=OPEN)
+    before = await msgs(gw)
+    for doc in (COMPLETION, {**COMPLETION, "stream": True}):
+        status, _, body = await gw.post(doc)
+        assert status == 200 and b"Hello" in body
+    await idle(gw)
+    sent, received = (a - b for a, b in zip(await msgs(gw), before, strict=True))
+    assert (sent, received) == (6, 6)  # per request: headers, body, response headers; and their replies
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_the_claim_lasts_exactly_as_long_as_the_response(gateway, stream):
+    gw = await gateway(body_mode="lean", models=OPEN, refresh_metrics_interval=0)
+    for u in gw.upstreams:
+        if stream:
+            u.hold_body = asyncio.Event()  # pause after the first event
+        else:
+            u.hold = asyncio.Event()  # pause before answering
+    async with gw.http.post(gw.url + "/v1/completions", json={**COMPLETION, "stream": stream}) as r:
+        if stream:
+            assert r.status == 200
+            assert (await r.content.readline()).startswith(b"data: ")  # the response is under way
+        else:
+            await wait_for_arrivals(gw.upstreams, 1, method="POST")  # held at the pod
+        assert gw.app.datastore.load.total_inflight() == 1
+        assert gw.app.servicer.open_streams == 1
+        for u in gw.upstreams:
+            (u.hold_body or u.hold or asyncio.Event()).set()
+        body = await r.read()
+    assert (b"[DONE]" in body) is stream
+    await idle(gw)
+
+
+async def test_a_client_that_disconnects_mid_stream_releases_the_claim(gateway):
+    gw = await gateway(body_mode="lean", models=OPEN, refresh_metrics_interval=0)
+    for u in gw.upstreams:
+        u.hold_body = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        r = await http.post(gw.url + "/v1/completions", json={**COMPLETION, "stream": True})
+        assert (await r.content.readline()).startswith(b"data: ")
+        assert gw.app.datastore.load.total_inflight() == 1
+        r.close()  # the client goes away; the pod is still holding the rest
+    await idle(gw)
+    for u in gw.upstreams:
+        u.hold_body.set()  # type: ignore[union-attr]
+
+
+async def test_an_upstream_reset_mid_stream_releases_the_claim(gateway):
+    client_has_first_event = asyncio.Event()
+
+    async def reset_after_one_event(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": [{"text": "Hel"}]}\n\n')
+        await client_has_first_event.wait()
+        assert request.transport is not None
+        request.transport.abort()  # RST, no end of stream
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", reset_after_one_event)
+    runner, port = await serve_app(app)
+    try:
+        gw = await gateway(n=0, body_mode="lean", models=OPEN, refresh_metrics_interval=0,
+                           extra_endpoints=(f"127.0.0.1:{port}",))
+        async with gw.http.post(gw.url + "/v1/completions", json={**COMPLETION, "stream": True}) as r:
+            assert r.status == 200
+            assert (await r.content.readline()).startswith(b"data: ")
+            assert gw.app.datastore.load.total_inflight() == 1
+            client_has_first_event.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+        await idle(gw)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_a_rewritten_model_name_is_still_restored(gateway, stream):
+    """The one time epp needs a response body: it asks for it in its response-headers reply."""
+    gw = await gateway(body_mode="lean", models=MODELS)
+    status, _, body = await gw.post({**COMPLETION, "stream": stream})
+    assert status == 200
+    assert b'"model":"m"' in body.replace(b" ", b"") and b"m-target" not in body
+    assert gw.upstreams[0].seen + gw.upstreams[1].seen  # the pod did get the target
+    sent = [orjson.loads(s.body)["model"] for u in gw.upstreams for s in u.seen]
+    assert sent == ["m-target"]
+    await idle(gw)
