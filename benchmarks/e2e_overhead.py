@@ -15,7 +15,8 @@ processor's), driven by wrk (1 thread) posting the reference chat request:
   upstreams, no Envoy (only if `pip install vllm-router` worked).
 
 Wirings (the `WIRINGS` table; a new one `epp envoy-config` may render is one more entry):
-`full-duplex` and `buffered` (`epp envoy-config --body-mode ... --lb override-host`) and
+`lean` (the default: request body buffered, response headers only), `full-duplex` and
+`buffered` (`epp envoy-config --body-mode ... --lb override-host`) and
 `envoy-ai-gateway` (`--wiring envoy-ai-gateway`: TLS to the processor; epp serves TLS
 there, the floors stay plaintext: only that cluster's transport socket is removed for
 them). `buffered-resp-none` (not run by default) is the buffered bootstrap with response
@@ -81,7 +82,7 @@ from epp.envoy.config import render_bootstrap  # noqa: E402
 
 BENCH = "e2e_overhead"
 HERE = Path(__file__).resolve().parent
-DEFAULT_WIRING = "full-duplex"  # what `epp envoy-config` renders without --wiring/--body-mode
+DEFAULT_WIRING = "lean"  # what `epp envoy-config` renders without --wiring/--body-mode
 AIGW = "envoy-ai-gateway"
 ENVOY_CONCURRENCY = 1
 _SETTLE_S = 2.0
@@ -119,6 +120,7 @@ def _buffered_resp_none(pool: PoolFile, address: str) -> dict[str, Any]:
 
 
 WIRINGS: dict[str, Wiring] = {w.name: w for w in (
+    Wiring("lean", _epp_wiring("lean"), processor_tls=False),
     Wiring("full-duplex", _epp_wiring("full-duplex"), processor_tls=False),
     Wiring("buffered", _epp_wiring("buffered"), processor_tls=False),
     Wiring(AIGW, _aigw, processor_tls=True),

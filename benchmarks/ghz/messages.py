@@ -5,6 +5,9 @@
 writes three ghz data files (``-D FILE``; protobuf JSON, ``bytes`` fields in base64) and
 prints their paths:
 
+- ``lean-json.json``: the lean wiring (``epp envoy-config``'s default): ``protocol_config``
+  BUFFERED request / NONE response + request headers, the request body (end of stream), the
+  response headers; nothing more (the stream's end is the end of the request);
 - ``buffered-json.json``: ``protocol_config`` BUFFERED both ways + request headers, the
   request body (end of stream), response headers, the JSON response body (end of stream);
 - ``duplex-json.json``: the same with ``protocol_config`` FULL_DUPLEX_STREAMED both ways;
@@ -94,13 +97,14 @@ def sse_events(chunks: int) -> list[bytes]:
 
 
 def sequence(kind: str, sse_chunks: int, *, fixed_request_id: bool = False) -> list[dict[str, Any]]:
-    """The messages of one stream: ``buffered-json``, ``duplex-json`` or ``duplex-sse``."""
+    """The messages of one stream: ``lean-json``, ``buffered-json``, ``duplex-json`` or ``duplex-sse``."""
     request_id = FIXED_REQUEST_ID if fixed_request_id else REQUEST_ID_TEMPLATE
-    mode = "BUFFERED" if kind == "buffered-json" else "FULL_DUPLEX_STREAMED"
+    mode = "BUFFERED" if kind in ("buffered-json", "lean-json") else "FULL_DUPLEX_STREAMED"
+    response_mode = "NONE" if kind == "lean-json" else mode
     sse = kind == "duplex-sse"
     request = _json(CHAT | {"stream": True, "stream_options": {"include_usage": True}} if sse else CHAT)
     first = {
-        "protocol_config": {"request_body_mode": mode, "response_body_mode": mode},
+        "protocol_config": {"request_body_mode": mode, "response_body_mode": response_mode},
         "request_headers": _headers(_request_headers(request, request_id)),
     }
     messages: list[dict[str, Any]] = [first, {"request_body": _body(request, True)}]
@@ -113,11 +117,12 @@ def sequence(kind: str, sse_chunks: int, *, fixed_request_id: bool = False) -> l
         answer = completion()
         headers = {":status": "200", "content-type": "application/json", "content-length": str(len(answer))}
         messages.append({"response_headers": _headers(headers)})
-        messages.append({"response_body": _body(answer, True)})
+        if kind != "lean-json":
+            messages.append({"response_body": _body(answer, True)})
     return messages
 
 
-KINDS = ("buffered-json", "duplex-json", "duplex-sse")
+KINDS = ("lean-json", "buffered-json", "duplex-json", "duplex-sse")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,9 @@ mirror: {name: shadow, endpoints: ["127.0.0.1:8003"]}
 )
 NO_MIRROR = POOL.model_copy(update={"mirror": None})
 COMBOS: list[tuple[BodyMode, LbMode, bool, bool]] = list(
-    itertools.product(("lean", "full-duplex", "buffered"), ("original-dst", "override-host"), (False, True), (False, True))
+    itertools.product(
+        ("lean", "full-duplex", "buffered"), ("original-dst", "override-host"), (False, True), (False, True)
+    )
 )
 
 

@@ -84,4 +84,7 @@ def test_envoy_config_warns_that_full_duplex_cannot_fail_open(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert ("ignores fail-open" in err) is warned
     rendered = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
-    assert ("layered_runtime" in rendered) is (body_mode is None)  # lean is the default
+    mode = rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (ext_proc,) = [f for f in mode["http_filters"] if f["name"] == "envoy.filters.http.ext_proc"]
+    processing = ext_proc["typed_config"]["extension_config"]["typed_config"]["processing_mode"]
+    assert (processing["response_body_mode"] == "NONE") is (body_mode is None)  # lean is the default

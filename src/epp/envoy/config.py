@@ -11,9 +11,10 @@ Choices, each tested against Envoy 1.40 (the facts are in ``docs/envoy-wiring.md
 
 * **Body modes.**  ``lean`` (the default) sends the whole request body in one message
   (BUFFERED) and only the response *headers*: three messages a request, and no response
-  chunk crosses Python.  The request's end is the ext_proc stream's close, which Envoy
-  sends when the HTTP stream ends; the bootstrap's runtime layer turns off the 1.37+
-  early-close optimization so that stays true.  epp asks for a response body only when it
+  chunk crosses Python.  The request's end is the ext_proc stream's close, which Envoy 1.40
+  sends when the HTTP stream ends (measured: ``tests/integration/test_lean_wiring.py``; the
+  1.37 runtime guard ``ext_proc_stream_close_optimization`` is removed in 1.40, and setting
+  it logs an envoy_bug).  epp asks for a response body only when it
   must restore a rewritten model name (``mode_override``).  Usage tokens are then not read.
   ``full-duplex`` streams the request body to epp (FULL_DUPLEX_STREAMED);
   Envoy then *requires* the trailer mode of that direction to be SEND, and arms no
@@ -165,14 +166,11 @@ def render_bootstrap(
         # The stream's decoder buffer limit comes from the listener; past it Envoy sends 413.
         listener["per_connection_buffer_limit_bytes"] = max_body_bytes + _MIB
 
-    bootstrap: dict[str, Any] = {
+    return {
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},
         "static_resources": {"listeners": [listener], "clusters": clusters},
         "overload_manager": _overload_manager(),
     }
-    if body_mode == "lean":
-        bootstrap["layered_runtime"] = _keep_ext_proc_stream_open()
-    return bootstrap
 
 
 def dump_bootstrap(bootstrap: dict[str, Any]) -> str:
@@ -252,22 +250,6 @@ def _access_log(path: str) -> dict[str, Any]:
             "path": path,
             "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
         },
-    }
-
-
-def _keep_ext_proc_stream_open() -> dict[str, Any]:
-    # The lean wiring learns a request's end from the ext_proc stream's close.  Since 1.37
-    # Envoy may close that stream once nothing more is configured to be sent (this runtime
-    # guard, default true); measured on 1.40 the stream stays open to the HTTP stream's end
-    # in this wiring either way, and the guard is off so other versions keep to that too.
-    return {
-        "layers": [
-            {
-                "name": "epp",
-                "static_layer": {"envoy.reloadable_features.ext_proc_stream_close_optimization": False},
-            },
-            {"name": "admin", "admin_layer": {}},
-        ]
     }
 
 

@@ -27,7 +27,9 @@ mirror:
 """
 
 COMBOS = list(
-    itertools.product(("lean", "full-duplex", "buffered"), ("original-dst", "override-host"), (False, True), (False, True))
+    itertools.product(
+        ("lean", "full-duplex", "buffered"), ("original-dst", "override-host"), (False, True), (False, True)
+    )
 )
 COMBO_IDS = [f"{b}-{lb}-{'tls' if t else 'plain'}-{'mirror' if m else 'nomirror'}" for b, lb, t, m in COMBOS]
 
@@ -108,11 +110,9 @@ def test_every_combination(body_mode: BodyMode, lb: LbMode, tls: bool, mirror: b
         assert mode["request_body_mode"] == "BUFFERED" and mode["response_body_mode"] == "NONE"
         assert mode["request_trailer_mode"] == mode["response_trailer_mode"] == "SKIP"
         assert proc["allow_mode_override"] is True  # epp asks for a body only to restore a model name
-        (layer, _) = boot["layered_runtime"]["layers"]
-        assert layer["static_layer"] == {"envoy.reloadable_features.ext_proc_stream_close_optimization": False}
         assert listener(boot)["per_connection_buffer_limit_bytes"] == 17 * 1024 * 1024
     else:
-        assert proc["allow_mode_override"] is False and "layered_runtime" not in boot
+        assert proc["allow_mode_override"] is False
         assert mode["request_body_mode"] == "BUFFERED"
         assert mode["response_body_mode"] == "STREAMED"
         assert mode["request_trailer_mode"] == mode["response_trailer_mode"] == "SKIP"
