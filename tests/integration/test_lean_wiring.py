@@ -47,26 +47,32 @@ async def test_a_request_is_three_messages_each_way_and_no_response_chunk(gatewa
     assert (sent, received) == (6, 6)  # per request: headers, body, response headers; and their replies
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-async def test_the_claim_lasts_exactly_as_long_as_the_response(gateway, stream):
+async def test_the_claim_lasts_exactly_as_long_as_a_json_response(gateway):
     gw = await gateway(body_mode="lean", models=OPEN, refresh_metrics_interval=0)
     for u in gw.upstreams:
-        if stream:
-            u.hold_body = asyncio.Event()  # pause after the first event
-        else:
-            u.hold = asyncio.Event()  # pause before answering
-    async with gw.http.post(gw.url + "/v1/completions", json={**COMPLETION, "stream": stream}) as r:
-        if stream:
-            assert r.status == 200
-            assert (await r.content.readline()).startswith(b"data: ")  # the response is under way
-        else:
-            await wait_for_arrivals(gw.upstreams, 1, method="POST")  # held at the pod
-        assert gw.app.datastore.load.total_inflight() == 1
-        assert gw.app.servicer.open_streams == 1
+        u.hold = asyncio.Event()  # the pod holds its answer
+    request = asyncio.create_task(gw.post(COMPLETION))
+    await wait_for_arrivals(gw.upstreams, 1, method="POST")
+    assert gw.app.datastore.load.total_inflight() == 1 and gw.app.servicer.open_streams == 1
+    for u in gw.upstreams:
+        u.hold.set()  # type: ignore[union-attr]
+    status, _, body = await asyncio.wait_for(request, 10)
+    assert status == 200 and b"Hello from" in body
+    await idle(gw)
+
+
+async def test_the_claim_lasts_exactly_as_long_as_an_sse_response(gateway):
+    gw = await gateway(body_mode="lean", models=OPEN, refresh_metrics_interval=0)
+    for u in gw.upstreams:
+        u.hold_body = asyncio.Event()  # pause after the first event
+    async with gw.http.post(gw.url + "/v1/completions", json={**COMPLETION, "stream": True}) as r:
+        assert r.status == 200
+        assert (await r.content.readline()).startswith(b"data: ")  # the response is under way
+        assert gw.app.datastore.load.total_inflight() == 1 and gw.app.servicer.open_streams == 1
         for u in gw.upstreams:
-            (u.hold_body or u.hold or asyncio.Event()).set()
+            u.hold_body.set()  # type: ignore[union-attr]
         body = await r.read()
-    assert (b"[DONE]" in body) is stream
+    assert body.rstrip().endswith(b"data: [DONE]")
     await idle(gw)
 
 

@@ -13,7 +13,6 @@ import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from epp.errors import Rejected
 from epp.extproc.protocol import MAX_CHUNK_BYTES
@@ -23,39 +22,53 @@ ProcessingResponse = Any  # envoy.service.ext_proc.v3.ProcessingResponse (untype
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
+def _set_mutation(mutation: Any, set_headers: Mapping[str, str], remove: Sequence[str] = ()) -> None:
+    add = mutation.set_headers.add
+    for key, value in set_headers.items():
+        option = add()
+        option.header.key = key
+        option.header.raw_value = value.encode()
+        option.append_action = _OVERWRITE
+    if remove:
+        mutation.remove_headers.extend(remove)
+
+
 def _header_mutation(set_headers: Mapping[str, str], remove: Sequence[str] = ()) -> Any:
-    return pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE
-            )
-            for k, v in set_headers.items()
-        ],
-        remove_headers=list(remove),
-    )
+    mutation = pb.HeaderMutation()
+    _set_mutation(mutation, set_headers, remove)
+    return mutation
 
 
-def _struct(metadata: Mapping[str, Mapping[str, str]] | None) -> Any:
+def _set_metadata(reply: Any, metadata: Mapping[str, Mapping[str, str]] | None) -> None:
     if not metadata:
-        return None
-    s = struct_pb2.Struct()
-    s.update({ns: dict(values) for ns, values in metadata.items()})
-    return s
+        return
+    namespaces = reply.dynamic_metadata.fields
+    for namespace, values in metadata.items():
+        fields = namespaces[namespace].struct_value.fields
+        for key, value in values.items():
+            fields[key].string_value = value
 
 
-def _common(
+def _fill(
+    part: Any,
     set_headers: Mapping[str, str] | None = None,
     *,
     remove: Sequence[str] = (),
     body: bytes | None = None,
     clear_route_cache: bool = False,
-) -> Any:
-    common = pb.CommonResponse(clear_route_cache=clear_route_cache)
+) -> None:
+    """Fill the ``CommonResponse`` of a headers or body reply in place (this runs on every
+    message: nested constructors would build and copy each level again)."""
+    part.SetInParent()
+    if not (set_headers or remove or body is not None or clear_route_cache):
+        return
+    common = part.response
+    if clear_route_cache:
+        common.clear_route_cache = True
     if set_headers or remove:
-        common.header_mutation.CopyFrom(_header_mutation(set_headers or {}, remove))
+        _set_mutation(common.header_mutation, set_headers or {}, remove)
     if body is not None:
         common.body_mutation.body = body
-    return common
 
 
 def request_headers_response(
@@ -65,12 +78,10 @@ def request_headers_response(
     clear_route_cache: bool = False,
 ) -> ProcessingResponse:
     """Answer ``request_headers``; carries the routing decision in full-duplex mode."""
-    return pb.ProcessingResponse(
-        request_headers=pb.HeadersResponse(
-            response=_common(set_headers, clear_route_cache=clear_route_cache and bool(set_headers))
-        ),
-        dynamic_metadata=_struct(metadata),
-    )
+    reply = pb.ProcessingResponse()
+    _fill(reply.request_headers, set_headers, clear_route_cache=clear_route_cache and bool(set_headers))
+    _set_metadata(reply, metadata)
+    return reply
 
 
 def request_body_response(
@@ -81,12 +92,10 @@ def request_body_response(
     clear_route_cache: bool = False,
 ) -> ProcessingResponse:
     """Answer a BUFFERED request body: headers, body replacement and metadata in one message."""
-    return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=_common(set_headers, body=body, clear_route_cache=clear_route_cache and bool(set_headers))
-        ),
-        dynamic_metadata=_struct(metadata),
-    )
+    reply = pb.ProcessingResponse()
+    _fill(reply.request_body, set_headers, body=body, clear_route_cache=clear_route_cache and bool(set_headers))
+    _set_metadata(reply, metadata)
+    return reply
 
 
 def response_headers_response(
@@ -94,7 +103,8 @@ def response_headers_response(
 ) -> ProcessingResponse:
     """Answer ``response_headers``; ``body_mode`` asks Envoy to send this response's body after all
     (``mode_override``: honoured when the filter allows overrides and no direction is full-duplex)."""
-    reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=_common(set_headers, remove=remove)))
+    reply = pb.ProcessingResponse()
+    _fill(reply.response_headers, set_headers, remove=remove)
     if body_mode is not None:
         reply.mode_override.response_body_mode = body_mode
     return reply
@@ -104,7 +114,9 @@ def response_body_response(
     body: bytes | None = None, set_headers: Mapping[str, str] | None = None
 ) -> ProcessingResponse:
     """Answer a STREAMED/BUFFERED response body chunk (``body`` replaces the chunk when given)."""
-    return pb.ProcessingResponse(response_body=pb.BodyResponse(response=_common(set_headers, body=body)))
+    reply = pb.ProcessingResponse()
+    _fill(reply.response_body, set_headers, body=body)
+    return reply
 
 
 def streamed_body(phase: str, body: bytes, end_of_stream: bool) -> Iterator[ProcessingResponse]:

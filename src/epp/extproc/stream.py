@@ -128,7 +128,8 @@ class RequestContext:
 def _header_map(http_headers: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in http_headers.headers.headers:
-        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        raw = h.raw_value  # each field read of a protobuf message costs: read it once
+        out[h.key.lower()] = raw.decode("utf-8", "replace") if raw else h.value
     return out
 
 
