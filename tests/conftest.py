@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,13 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayStarter]:
     starter = GatewayStarter(tmp_path)
     yield starter
     await starter.aclose()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory in /tmp: a socket path must stay under 108 bytes, pytest's tmp_path may not."""
+    path = Path(tempfile.mkdtemp(prefix="epp-sock-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -10,10 +10,6 @@ Envoy talks to it over the socket.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,15 +35,6 @@ def sidecar_docs(renders) -> list[dict[str, Any]]:
 def sidecar(renders) -> Dump:
     return Dump(renders.dump("sidecar"))
 
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short directory (a socket path must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="epp-sidecar-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:

@@ -10,10 +10,7 @@ v1alpha protocol (no ``grpc.reflection.v1``), so that is the one driven here.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -25,15 +22,6 @@ METHOD = f"{SERVICE}.Process"
 FILE = "envoy/service/ext_proc/v3/external_processor.proto"
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short directory in /tmp: a socket path must stay under 108 bytes, pytest's tmp_path may not."""
-    path = Path(tempfile.mkdtemp(prefix="epp-refl-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=["tcp", "unix"])

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import socket
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import grpc
@@ -30,15 +26,6 @@ from support.upstreams import Upstream
 
 BODY = orjson.dumps({"model": "m", "prompt": "hi"})
 
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    """A short directory in /tmp: a socket path must stay under 108 bytes, pytest's tmp_path may not."""
-    path = Path(tempfile.mkdtemp(prefix="epp-sock-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 async def _check(channel: grpc.aio.Channel, service: str) -> int:

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -53,14 +53,9 @@ from epp.wire import DESTINATION_HEADER, LB_NAMESPACE, SUBSET_HINT_NAMESPACE, SU
 
 from support import datastore
 from support import messages as m
+from support.fuzz import ci
 
-CI = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=150,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+CI = ci(max_examples=150)
 
 ENDPOINTS = [Endpoint(f"127.0.0.1:{8000 + i}", f"pod-{i}") for i in range(3)]
 SHADOWS = [Endpoint("127.0.0.2:8000", "shadow-0")]

@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 import orjson
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from epp.domain import CHARS_PER_TOKEN, estimate_tokens
@@ -34,13 +34,9 @@ from epp.openai import (
     rewrite_model,
 )
 
-CI = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=100,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+from support.fuzz import ci
+
+CI = ci(max_examples=100)
 
 PATHS = st.sampled_from([COMPLETIONS, CHAT_COMPLETIONS, "", "/v1/responses", "/v1/completions?x=1", "/other"])
 
