@@ -229,26 +229,29 @@ class UsageParser:
 
     SSE mode splits the byte stream into events on blank lines, so an event split
     across chunks is parsed once whole.  JSON mode buffers up to ``max_bytes`` and
-    parses at the end; a larger body yields no usage rather than unbounded memory.
+    parses at the end; past that it keeps only the body's last 64 KiB (servers write
+    ``usage`` last) and reads the ``usage`` object out of that tail, so memory stays
+    bounded whatever the response's size.
     """
 
-    def __init__(self, *, sse: bool, max_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, *, sse: bool, max_bytes: int = 256 * 1024) -> None:
         self.sse = sse
         self.usage: Usage | None = None
         self._buf = bytearray()
         self._max = max_bytes
+        self._tail = min(_TAIL_BYTES, max_bytes)
         self._overflow = False
         self.events = 0
 
     def feed(self, chunk: bytes) -> None:
-        if not chunk or self._overflow:
+        if not chunk or (self._overflow and self.sse):
             return
         self._buf += chunk
         if self.sse:
             self._drain_events()
         elif len(self._buf) > self._max:
-            self._overflow = True
-            self._buf.clear()
+            self._overflow = True  # from now on only the tail is kept
+            del self._buf[: len(self._buf) - self._tail]
 
     def finish(self) -> Usage | None:
         if self.sse:
@@ -258,6 +261,8 @@ class UsageParser:
         elif self._buf and not self._overflow:
             with contextlib.suppress(orjson.JSONDecodeError):
                 self.usage = _usage_from(orjson.loads(self._buf)) or self.usage
+        elif self._buf:
+            self.usage = _usage_in_tail(bytes(self._buf)) or self.usage
         self._buf.clear()
         return self.usage
 
@@ -289,6 +294,30 @@ class UsageParser:
                 continue
             if usage is not None:
                 self.usage = usage
+
+
+_TAIL_BYTES = 64 * 1024
+
+
+def _usage_in_tail(tail: bytes) -> Usage | None:
+    """The last ``"usage": {...}`` object in the end of a JSON body too large to keep whole."""
+    at = tail.rfind(b'"usage"')
+    while at >= 0:
+        start = tail.find(b"{", at + 7)
+        if start > 0 and tail[at + 7 : start].strip() == b":":
+            depth = 0
+            for i in range(start, len(tail)):
+                byte = tail[i]
+                if byte == 0x7B:
+                    depth += 1
+                elif byte == 0x7D:
+                    depth -= 1
+                    if depth == 0:
+                        with contextlib.suppress(orjson.JSONDecodeError):
+                            return _usage_from({"usage": orjson.loads(tail[start : i + 1])})
+                        break
+        at = tail.rfind(b'"usage"', 0, at)
+    return None
 
 
 def _may_carry_usage(data: bytes) -> bool:

@@ -151,3 +151,17 @@ def test_token_id_prompts_share_prefix_blocks_exactly_when_their_ids_do():
 def test_malformed_prompts_are_400(prompt):
     with pytest.raises(BadRequest, match="'prompt' must be"):
         parse({"model": "m", "prompt": prompt})
+
+
+def test_a_json_body_too_large_to_keep_still_gives_its_usage_from_the_tail():
+    usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+             "prompt_tokens_details": {"cached_tokens": 2}}
+    body = orjson.dumps({"id": "x", "choices": [{"text": "y" * 1_000_000}], "usage": usage})
+    parser = UsageParser(sse=False)
+    held = 0
+    for i in range(0, len(body), 65_536):
+        parser.feed(body[i : i + 65_536])
+        held = max(held, len(parser._buf))
+    got = parser.finish()
+    assert got is not None and (got.prompt_tokens, got.completion_tokens, got.cached_tokens) == (7, 3, 2)
+    assert held <= 256 * 1024  # the cap, never the megabyte
