@@ -149,7 +149,6 @@ class App:
     def new_stream(self) -> ExtProcStream:
         return ExtProcStream(
             self.router,
-            self.datastore,
             self.metrics,
             max_body_bytes=self.settings.max_body_bytes,
             max_request_headers=self.settings.max_request_headers,

@@ -21,7 +21,19 @@ from epp.scheduling import Scheduler
 from epp.wire import ADMIN_PATHS
 
 
-class MirrorLoad(Protocol):
+class Claim(Protocol):
+    """One routed request's share of an endpoint's load (the datastore's ``InflightTicket``)."""
+
+    @property
+    def address(self) -> str: ...
+    def move_to(self, address: str) -> None: ...
+    def release(self) -> bool: ...
+
+
+class Load(Protocol):
+    """epp's own load ledger, as routing uses it: claims for routed requests, unseen mirror copies."""
+
+    def acquire(self, endpoint: Endpoint, tokens: int = 0) -> Claim: ...
     def note_mirror(self, address: str) -> None: ...
 
 
@@ -31,8 +43,10 @@ class PoolView(Protocol):
     @property
     def policies(self) -> ModelPolicies: ...
     @property
-    def load(self) -> MirrorLoad: ...
+    def load(self) -> Load: ...
     def endpoints(self) -> tuple[Endpoint, ...]: ...
+    def get(self, address: str) -> Endpoint | None: ...
+    def refresh_served_models(self, address: str) -> None: ...
     def routable(self) -> tuple[Endpoint, ...]: ...
     def mirror_endpoints(self) -> tuple[Endpoint, ...]: ...
     @property
@@ -164,6 +178,25 @@ class Router:
         if self._observe is not None:
             self._observe(time.perf_counter() - start)
         return Pick(endpoints=tuple(ranked), target_model=request.target_model, mirror=self.pick_mirror(request))
+
+    # ---- the load ledger: the transport claims, moves and releases through routing ----------
+    def acquire(self, pick: Pick, tokens: int) -> Claim:
+        """Claim the primary's load for one routed request (released exactly once by the transport)."""
+        return self._pool.load.acquire(pick.primary, tokens)
+
+    def move(self, claim: Claim, served: str) -> bool:
+        """Envoy reports it served ``served``: move the claim there if it is a pool endpoint."""
+        if served == claim.address or self._pool.get(served) is None:
+            return False
+        claim.move_to(served)
+        return True
+
+    def not_served_by(self, address: str) -> None:
+        """A pod answered 404 for a model it was picked for: have its served models read again."""
+        self._pool.refresh_served_models(address)
+
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._pool.endpoints()
 
     def serving(self, model: str, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         """The candidates that can serve ``model``, when epp knows: an endpoint whose ``/v1/models``

@@ -74,7 +74,7 @@ class World:
     router: Router
 
     def stream(self, *, hooks: bool) -> ExtProcStream:
-        return ExtProcStream(self.router, self.store, self.metrics, max_body_bytes=MAX_BODY, conformance_hooks=hooks)
+        return ExtProcStream(self.router, self.metrics, max_body_bytes=MAX_BODY, conformance_hooks=hooks)
 
     def running(self) -> float:
         """The sum of the ``running`` gauge over every model label."""

@@ -32,7 +32,7 @@ LAYERS: dict[str, set[str]] = {
     "epp.discovery": {"epp.domain", "epp.errors", "epp.config"},
     "epp.routing": {*LEAVES, "epp.openai", "epp.scheduling"},
     # the edges
-    "epp.extproc": {*LEAVES, "epp.observability", "epp.openai", "epp.routing", "epp.datalayer"},
+    "epp.extproc": {*LEAVES, "epp.observability", "epp.openai", "epp.routing"},
     "epp.envoy": {*LEAVES, "epp.config"},
     "epp.mirror_report": set(),
     "epp.demo": {"epp.config", "epp.envoy", "epp.mirror_report"},

@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp.datalayer import Datastore, InflightTicket
 from epp.domain import InferenceRequest, Pick
 from epp.errors import BadRequest, HeadersTooMany, NoEndpoints, PayloadTooLarge, Rejected
 from epp.extproc import responses
@@ -50,7 +49,7 @@ from epp.openai import (
     parse_inference_request,
     rewrite_model,
 )
-from epp.routing import Router, filter_subset, parse_subset
+from epp.routing import Claim, Router, filter_subset, parse_subset
 from epp.wire import (
     DESTINATION_HEADER,
     LB_NAMESPACE,
@@ -117,7 +116,7 @@ class RequestContext:
     request_id: str = ""
     started: float = field(default_factory=time.monotonic)
     request: InferenceRequest | None = None
-    ticket: InflightTicket | None = None
+    ticket: Claim | None = None
     series: ModelSeries | None = None  # the model's metric children, once routed with a model
     model: str = ""
     target_model: str = ""
@@ -166,7 +165,6 @@ class ExtProcStream:
     def __init__(
         self,
         router: Router,
-        datastore: Datastore,
         metrics: EppMetrics,
         *,
         max_body_bytes: int,
@@ -175,7 +173,6 @@ class ExtProcStream:
         conformance_hooks: bool = False,
     ) -> None:
         self._router = router
-        self._store = datastore
         self._metrics = metrics
         self._max_body = max_body_bytes
         self._max_headers = max_request_headers
@@ -247,7 +244,7 @@ class ExtProcStream:
 
     def _designated(self, selection: str, hint: tuple[str, ...] | None) -> tuple[str, ...]:
         """The pool's endpoints a conformance test designated (and the subset hint allows)."""
-        allowed = filter_subset(filter_subset(self._store.endpoints(), hint), parse_subset(selection) or ())
+        allowed = filter_subset(filter_subset(self._router.endpoints(), hint), parse_subset(selection) or ())
         if not allowed:
             raise NoEndpoints(f"no ready endpoint matches {TEST_SELECTION_HEADER} {selection[:200]!r}")
         return tuple(e.address for e in allowed)
@@ -339,7 +336,7 @@ class ExtProcStream:
         ctx.req.state = RequestState.ROUTED
         ctx.request = request
         ctx.target_model = pick.target_model
-        ctx.ticket = self._store.load.acquire(pick.primary, request.prompt_tokens if request else 0)
+        ctx.ticket = self._router.acquire(pick, request.prompt_tokens if request else 0)
         if request is not None:
             ctx.series = series = self._metrics.series(ctx.model, ctx.target_model)
             series.requests.inc()
@@ -362,9 +359,8 @@ class ExtProcStream:
         if not isinstance(served, str) or not served:
             return
         self.ctx.resp.served = served
-        if served != ticket.address and self._store.get(served):
-            log.debug("envoy served %s instead of %s", served, ticket.address)
-            ticket.move_to(served)
+        if self._router.move(ticket, served):
+            log.debug("envoy served %s instead of the pick", served)
 
     def on_response_headers(self, message: Any) -> list[Response]:
         ctx, resp = self.ctx, self.ctx.resp
@@ -375,7 +371,7 @@ class ExtProcStream:
         if resp.status == 404 and ctx.request is not None and ctx.ticket is not None:
             # the pod does not have the model (an adapter unloaded since its last /v1/models read):
             # have the scraper read its /v1/models again now, so the next requests go elsewhere
-            self._store.refresh_served_models(ctx.ticket.address)
+            self._router.not_served_by(ctx.ticket.address)
         remove: list[str] = []
         body_mode: BodySendMode | None = None
         if ctx.request is not None and ctx.target_model and ctx.target_model != ctx.model:

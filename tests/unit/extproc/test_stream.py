@@ -1,0 +1,102 @@
+"""``ExtProcStream.handle()`` driven directly (no gRPC), one table row per conversation, for the
+three wirings epp renders: lean (BUFFERED request, response headers only), buffered (response
+STREAMED) and full duplex.  Each row: the messages Envoy sends, the reply kinds epp must send
+back for each, and what the load ledger holds once the response is complete."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from epp.domain import Endpoint
+from epp.extproc.stream import ExtProcStream, RequestState, ResponseState
+from epp.observability.metrics import EppMetrics
+from epp.routing import Router
+from epp.scheduling.scheduler import build_scheduler
+
+from support import datastore
+from support import messages as m
+
+EPS = [Endpoint("127.0.0.1:8001", "a"), Endpoint("127.0.0.1:8002", "b")]
+BUFFERED, STREAMED, FULL_DUPLEX, NONE = 2, 1, 4, 0  # ProcessingMode.BodySendMode
+BODY = orjson.dumps({"model": "m", "prompt": "hello world", "max_tokens": 5})
+SSE = b'data: {"model":"m-target","choices":[{"text":"hi"}]}\n\n'
+
+
+def stream() -> tuple[ExtProcStream, Any]:
+    store = datastore(EPS)
+    router = Router(store, build_scheduler("least-inflight", store, rng=random.Random(1)))
+    return ExtProcStream(router, EppMetrics(CollectorRegistry()), max_body_bytes=1 << 20), store
+
+
+def kinds(replies: list[Any]) -> list[str]:
+    out = []
+    for r in replies:
+        kind = r.WhichOneof("response")
+        body = getattr(r, kind) if kind in ("request_body", "response_body") else None
+        if body is not None and body.response.body_mutation.HasField("streamed_response"):
+            kind += "/streamed"
+        out.append(kind)
+    return out
+
+
+def headers(mode: int, response_mode: int, **kw: Any) -> Any:
+    return m.request_headers({"content-length": str(len(BODY))}, mode=mode, response_mode=response_mode, **kw)
+
+
+ROWS = [
+    # id, messages, reply kinds per message, claims once done
+    ("lean-json", [headers(BUFFERED, NONE), m.request_body(BODY), m.response_headers(200)],
+     [["request_headers"], ["request_body"], ["response_headers"]], 1),  # lean: the stream's close ends it
+    ("lean-headers-only-response", [headers(BUFFERED, NONE), m.request_body(BODY),
+                                    m.response_headers(200, end_of_stream=True)],
+     [["request_headers"], ["request_body"], ["response_headers"]], 0),
+    ("buffered-json", [headers(BUFFERED, STREAMED), m.request_body(BODY), m.response_headers(200),
+                       m.response_body(b'{"usage": {"prompt_tokens": 3}}', end_of_stream=True)],
+     [["request_headers"], ["request_body"], ["response_headers"], ["response_body"]], 0),
+    ("full-duplex-sse", [headers(FULL_DUPLEX, FULL_DUPLEX), m.request_body(BODY[:9], end_of_stream=False),
+                         m.request_body(BODY[9:], end_of_stream=True),
+                         m.response_headers(200, {"content-type": "text/event-stream"}),
+                         m.response_body(SSE), m.response_body(b"", end_of_stream=True)],
+     [[], [], ["request_headers", "request_body/streamed"], ["response_headers"], ["response_body/streamed"],
+      ["response_body/streamed"]], 0),
+    ("full-duplex-trailers-end-it", [headers(FULL_DUPLEX, FULL_DUPLEX), m.request_body(BODY, end_of_stream=True),
+                                     m.response_headers(200), m.response_body(SSE), m.response_trailers()],
+     [[], ["request_headers", "request_body/streamed"], ["response_headers"], ["response_body/streamed"],
+      ["response_trailers"]], 0),
+    ("get-routed-on-headers", [m.request_headers(method="GET", path="/v1/models", end_of_stream=True,
+                                                 mode=BUFFERED, response_mode=NONE), m.response_headers(200)],
+     [["request_headers"], ["response_headers"]], 1),
+    ("empty-model-rejected", [headers(BUFFERED, NONE),
+                                m.request_body(orjson.dumps({"model": "", "prompt": "x"}))],
+     [["request_headers"], ["immediate_response"]], 0),
+    ("body-less-post-rejected", [m.request_headers(end_of_stream=True, mode=BUFFERED, response_mode=NONE)],
+     [["immediate_response"]], 0),
+]
+
+
+@pytest.mark.parametrize(("messages", "expected", "claims"), [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_each_message_gets_the_replies_of_its_wiring(messages, expected, claims):
+    s, store = stream()
+    got = [kinds(s.handle(message)) for message in messages]
+    assert got == expected
+    assert store.load.total_inflight() == claims
+    s.close(cancelled=True)  # the stream's end, whichever way: nothing stays claimed
+    assert store.load.total_inflight() == 0
+
+
+def test_the_states_of_both_directions_follow_the_messages():
+    s, store = stream()
+    assert (s.ctx.req.state, s.ctx.resp.state) == (RequestState.HEADERS, ResponseState.PENDING)
+    s.handle(headers(BUFFERED, NONE))
+    assert s.ctx.req.state is RequestState.BODY
+    s.handle(m.request_body(BODY))
+    assert s.ctx.req.state is RequestState.ROUTED and store.load.total_inflight() == 1
+    s.handle(m.response_headers(200))
+    assert s.ctx.resp.state is ResponseState.STREAMING and s.ctx.resp.status == 200
+    s.close(cancelled=True)
+    assert s.ctx.resp.state is ResponseState.DONE and store.load.total_inflight() == 0
