@@ -22,6 +22,7 @@ import gc
 import itertools
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any
 
 import pytest
 from tools.kube.admin import Admin
@@ -71,13 +72,23 @@ def _in_fresh_loop(coro: Awaitable[None]) -> None:
         gc.collect()
 
 
+async def close_api(api: Any) -> None:
+    """Close a kubernetes_asyncio client with its TLS connections aborted, not shut down
+    gracefully: a graceful TLS close finishes on later loop turns, and a test's loop that
+    closes first fails with EBUSY on the still-open transports (seen under load)."""
+    connector = api.rest_client.pool_manager.connector
+    if connector is not None:
+        await connector.close(abort_ssl=True)
+    await api.close()
+
+
 async def _install(cluster: KubeCluster, crds: tuple[str, ...]) -> None:
     api = await new_api_client(str(cluster.kubeconfig))
     try:
         admin = Admin(api)
         await asyncio.gather(*(admin.install_crd(name) for name in crds))
     finally:
-        await api.close()
+        await close_api(api)
 
 
 @pytest.fixture
@@ -86,7 +97,7 @@ async def admin(kube_cluster: KubeCluster) -> AsyncIterator[Admin]:
     try:
         yield Admin(api)
     finally:
-        await api.close()
+        await close_api(api)
 
 
 _namespaces = itertools.count()

@@ -249,7 +249,9 @@ async def test_a_hung_metrics_endpoint_never_stalls_the_loop_and_goes_stale(star
         await faulty.wait(lambda p: p.abandoned >= 3)
         picks += await more
     print(f"\n/metrics {mode}: loop lag {lag} during 300 requests while scraping")
-    assert lag.samples > 50 and lag.max_own < 0.1, str(lag)  # the scraper never blocks the loop
+    # a scraper that blocked on the hung pod would stall the loop for its whole 0.25 s timeout;
+    # below that, spikes come from a loaded machine (measured: up to 136 ms, CPU contention excluded)
+    assert lag.samples > 50 and lag.max_own < 0.2, str(lag)
 
     assert len(picks) == 300 and set(picks) <= {healthy.address, faulty.address}
     assert store.fresh_metrics(faulty.address) is None  # stale by the datastore's rule
