@@ -1,4 +1,5 @@
-"""The bad-input matrix (``reliability.inputs``) through real Envoy, in both body modes.
+"""The bad-input matrix (``reliability.inputs``) through real Envoy, in each wiring epp
+renders: lean (the default), full duplex and buffered.
 
 One Gateway per body mode (real Envoy on the rendered bootstrap, in-process epp, two pool
 pods that record what arrives, and a "rogue" HTTP server outside the pool that a client's
@@ -96,7 +97,7 @@ def samples(gw: Gateway, name: str) -> list[Any]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("body_mode", ["full-duplex", "buffered"])
+@pytest.mark.parametrize("body_mode", ["lean", "full-duplex", "buffered"])
 async def test_every_bad_input_gets_its_answer_through_envoy(gateway, body_mode):
     setup_logging("info")  # epp's own handler and clipping filter, here writing to a buffer
     log = io.StringIO()
