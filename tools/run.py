@@ -8,6 +8,7 @@ lines are kept for the error message, and the command is killed at an absolute d
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,3 +82,18 @@ def run_echoing(cmd: list[str], *, cwd: Path, env: Mapping[str, str], deadline: 
             proc.wait()
         proc.stdout.close()
     return Ran(rc, tuple(tail), timed_out=time.monotonic() >= deadline)
+
+
+def cached_binary(out: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """``out/name`` when it is there; else ``build(binary)`` makes it, once, under a lock
+    (another run may be building it right now).  ``build`` must write the file atomically
+    (a ``.partial`` then a rename), so a reader never sees half a binary."""
+    binary = out / name
+    if os.access(binary, os.X_OK):
+        return binary
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.access(binary, os.X_OK):
+            build(binary)
+    return binary

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tools.run import epp_cache, find_go, run_echoing
+from tools.run import cached_binary, epp_cache, find_go, run_echoing
 
 __all__ = ["FLOOR_PY", "SOURCES", "BuildFailed", "floor_commands", "floor_go_binary"]
 
@@ -59,27 +58,20 @@ def source_hash() -> str:
 
 def floor_go_binary() -> Path:
     """The cached floor-go binary for the current sources, built on first use."""
-    out = epp_cache("floor-go", source_hash())
-    binary = out / "floor-go"
-    if os.access(binary, os.X_OK):
-        return binary
-    go = find_go()
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be building it right now
-        if os.access(binary, os.X_OK):
-            return binary
-        started = time.monotonic()
-        _say(f"building {SOURCES} into {out} (once per source change)")
-        partial = out / "floor-go.partial"
-        cmd = [go, "build", "-trimpath", "-mod=readonly", "-buildvcs=false", "-o", str(partial), "."]
-        env = {**os.environ, "GO111MODULE": "on", "CGO_ENABLED": "0"}
-        ran = run_echoing(cmd, cwd=SOURCES, env=env, deadline=started + BUILD_TIMEOUT_S, label="floor-go")
-        if ran.returncode != 0 or ran.timed_out:
-            raise BuildFailed(f"go build failed (rc={ran.returncode}, timed out: {ran.timed_out}):\n{ran.describe()}")
-        partial.rename(binary)  # atomic: a reader never sees a half-written binary
-        _say(f"built {binary} in {time.monotonic() - started:.0f}s")
-    return binary
+    return cached_binary(epp_cache("floor-go", source_hash()), "floor-go", _build)
+
+
+def _build(binary: Path) -> None:
+    go, started = find_go(), time.monotonic()
+    _say(f"building {SOURCES} into {binary.parent} (once per source change)")
+    partial = binary.with_suffix(".partial")
+    cmd = [go, "build", "-trimpath", "-mod=readonly", "-buildvcs=false", "-o", str(partial), "."]
+    env = {**os.environ, "GO111MODULE": "on", "CGO_ENABLED": "0"}
+    ran = run_echoing(cmd, cwd=SOURCES, env=env, deadline=started + BUILD_TIMEOUT_S, label="floor-go")
+    if ran.returncode != 0 or ran.timed_out:
+        raise BuildFailed(f"go build failed (rc={ran.returncode}, timed out: {ran.timed_out}):\n{ran.describe()}")
+    partial.rename(binary)  # atomic: a reader never sees a half-written binary
+    _say(f"built {binary} in {time.monotonic() - started:.0f}s")
 
 
 def floor_commands(address: str, endpoints: Sequence[str]) -> dict[str, list[str]]:

@@ -10,7 +10,6 @@ Kubernetes dependencies: about 8 minutes on 2 cores, a 333 MB binary.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import sys
@@ -18,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.run import GoMissing, Ran, epp_cache, find_go, run_echoing
+from tools.run import GoMissing, Ran, cached_binary, epp_cache, find_go, run_echoing
 
 MODULE = "github.com/envoyproxy/gateway"
 PACKAGE = f"{MODULE}/cmd/egctl"
@@ -36,8 +35,6 @@ def cache_dir() -> Path:
     return epp_cache("egctl", VERSION)
 
 
-
-
 def _say(message: str) -> None:
     print(f"[egctl] {message}", file=sys.stderr, flush=True)
 
@@ -53,41 +50,34 @@ def ensure_egctl() -> Path:
     """The cached egctl binary, installed with ``go install`` on first use."""
     if override := os.environ.get("EPP_EGCTL_BIN"):
         return Path(override)
-    out = cache_dir()
-    binary = out / "egctl"
-    if os.access(binary, os.X_OK):
-        return binary
-    go = find_go()
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent test run may be installing it right now
-        if os.access(binary, os.X_OK):
-            return binary
-        deadline = time.monotonic() + BUILD_TIMEOUT_S
-        started = time.monotonic()
-        _say(f"installing {PACKAGE}@{VERSION} into {out} (first run only; about 8 minutes)")
-        with tempfile.TemporaryDirectory(prefix="egctl-build-") as tmp:
-            work, staging = Path(tmp), Path(tmp) / "bin"
-            env = {**os.environ, "GOBIN": str(staging), "GO111MODULE": "on"}
-            ran = _run([go, "install", "-v", f"{PACKAGE}@{VERSION}"], cwd=work, env=env, deadline=deadline)
-            if ran.returncode != 0 and "loading deprecation" in ran.describe():
-                # `go install pkg@version` asks the proxy for the module's version list (to warn
-                # about deprecation) and fails when a filtering proxy refuses it; building the
-                # same pinned version from a scratch module skips that lookup.
-                _say("the module proxy refused the version-list lookup; building in a scratch module")
-                for step in ([go, "mod", "init", "epp-egctl-build"], [go, "get", f"{PACKAGE}@{VERSION}"],
-                             [go, "install", "-v", PACKAGE]):
-                    ran = _run(step, cwd=work, env=env, deadline=deadline)
-                    if ran.returncode != 0:
-                        break
-            built = staging / "egctl"
-            if ran.returncode != 0 or not os.access(built, os.X_OK):
-                raise BuildFailed(f"go install {PACKAGE}@{VERSION} failed (rc={ran.returncode}):\n{ran.describe()}")
-            partial = out / "egctl.partial"
-            shutil.copy2(built, partial)
-            partial.rename(binary)  # atomic: a reader never sees a half-written binary
-        _say(f"installed {binary} in {time.monotonic() - started:.0f}s")
-    return binary
+    return cached_binary(cache_dir(), "egctl", _install)
+
+
+def _install(binary: Path) -> None:
+    go, started = find_go(), time.monotonic()
+    deadline = started + BUILD_TIMEOUT_S
+    _say(f"installing {PACKAGE}@{VERSION} into {binary.parent} (first run only; about 8 minutes)")
+    with tempfile.TemporaryDirectory(prefix="egctl-build-") as tmp:
+        work, staging = Path(tmp), Path(tmp) / "bin"
+        env = {**os.environ, "GOBIN": str(staging), "GO111MODULE": "on"}
+        ran = _run([go, "install", "-v", f"{PACKAGE}@{VERSION}"], cwd=work, env=env, deadline=deadline)
+        if ran.returncode != 0 and "loading deprecation" in ran.describe():
+            # `go install pkg@version` asks the proxy for the module's version list (to warn
+            # about deprecation) and fails when a filtering proxy refuses it; building the
+            # same pinned version from a scratch module skips that lookup.
+            _say("the module proxy refused the version-list lookup; building in a scratch module")
+            for step in ([go, "mod", "init", "epp-egctl-build"], [go, "get", f"{PACKAGE}@{VERSION}"],
+                         [go, "install", "-v", PACKAGE]):
+                ran = _run(step, cwd=work, env=env, deadline=deadline)
+                if ran.returncode != 0:
+                    break
+        built = staging / "egctl"
+        if ran.returncode != 0 or not os.access(built, os.X_OK):
+            raise BuildFailed(f"go install {PACKAGE}@{VERSION} failed (rc={ran.returncode}):\n{ran.describe()}")
+        partial = binary.with_suffix(".partial")
+        shutil.copy2(built, partial)
+        partial.rename(binary)  # atomic: a reader never sees a half-written binary
+    _say(f"installed {binary} in {time.monotonic() - started:.0f}s")
 
 
 if __name__ == "__main__":  # `python -m tools.egctl.build`: install (or find) egctl, print its path
