@@ -467,7 +467,10 @@ class ExtProcStream:
         self._closed = True
         ctx = self.ctx
         if ctx.ticket is not None and ctx.resp.state is not ResponseState.DONE:
-            if cancelled and ctx.series is not None and not ctx.resp.status:
+            # Cut off before its end: before any response, or mid-body where a body comes to epp.
+            # In the lean wiring (no response body) the stream's close after the headers *is* the end.
+            cut = not ctx.resp.status or ctx.resp.mode is not BodySendMode.NONE
+            if cancelled and ctx.series is not None and cut:
                 self._metrics.request_error_total.labels(ctx.model, ctx.target_model, "Cancelled").inc()
             if ctx.resp.status or not cancelled:
                 self._finish_response()

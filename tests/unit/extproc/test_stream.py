@@ -100,3 +100,15 @@ def test_the_states_of_both_directions_follow_the_messages():
     assert s.ctx.resp.state is ResponseState.STREAMING and s.ctx.resp.status == 200
     s.close(cancelled=True)
     assert s.ctx.resp.state is ResponseState.DONE and store.load.total_inflight() == 0
+
+
+@pytest.mark.parametrize(("response_mode", "cut"), [(NONE, False), (FULL_DUPLEX, True)], ids=["lean", "full-duplex"])
+def test_a_stream_closed_after_the_response_headers_is_an_error_only_where_a_body_was_due(response_mode, cut):
+    s, _ = stream()
+    request_mode = FULL_DUPLEX if response_mode == FULL_DUPLEX else BUFFERED
+    for message in (headers(request_mode, response_mode), m.request_body(BODY), m.response_headers(200)):
+        s.handle(message)
+    s.close(cancelled=True)  # lean: the normal end; full duplex: the body was cut off
+    errors = [x for metric in s._metrics.registry.collect() if metric.name == "inference_model_request_error"
+              for x in metric.samples if x.name.endswith("_total") and x.labels.get("error_code") == "Cancelled"]
+    assert sum(x.value for x in errors) == (1 if cut else 0)
