@@ -8,6 +8,9 @@ prints their paths:
 - ``lean-json.json``: the lean wiring (``epp envoy-config``'s default): ``protocol_config``
   BUFFERED request / NONE response + request headers, the request body (end of stream), the
   response headers; nothing more (the stream's end is the end of the request);
+- ``two-json.json``: the fewest messages a routed request can cost (response headers SKIP
+  as well): request headers and the request body; epp then learns neither the status nor
+  the endpoint Envoy used, only the stream's end;
 - ``buffered-json.json``: ``protocol_config`` BUFFERED both ways + request headers, the
   request body (end of stream), response headers, the JSON response body (end of stream);
 - ``duplex-json.json``: the same with ``protocol_config`` FULL_DUPLEX_STREAMED both ways;
@@ -99,8 +102,8 @@ def sse_events(chunks: int) -> list[bytes]:
 def sequence(kind: str, sse_chunks: int, *, fixed_request_id: bool = False) -> list[dict[str, Any]]:
     """The messages of one stream: ``lean-json``, ``buffered-json``, ``duplex-json`` or ``duplex-sse``."""
     request_id = FIXED_REQUEST_ID if fixed_request_id else REQUEST_ID_TEMPLATE
-    mode = "BUFFERED" if kind in ("buffered-json", "lean-json") else "FULL_DUPLEX_STREAMED"
-    response_mode = "NONE" if kind == "lean-json" else mode
+    mode = "BUFFERED" if kind in ("buffered-json", "lean-json", "two-json") else "FULL_DUPLEX_STREAMED"
+    response_mode = "NONE" if kind in ("lean-json", "two-json") else mode
     sse = kind == "duplex-sse"
     request = _json(CHAT | {"stream": True, "stream_options": {"include_usage": True}} if sse else CHAT)
     first = {
@@ -108,6 +111,8 @@ def sequence(kind: str, sse_chunks: int, *, fixed_request_id: bool = False) -> l
         "request_headers": _headers(_request_headers(request, request_id)),
     }
     messages: list[dict[str, Any]] = [first, {"request_body": _body(request, True)}]
+    if kind == "two-json":
+        return messages
     if sse:
         headers = {":status": "200", "content-type": "text/event-stream", "cache-control": "no-cache"}
         messages.append({"response_headers": _headers(headers)})
@@ -122,7 +127,7 @@ def sequence(kind: str, sse_chunks: int, *, fixed_request_id: bool = False) -> l
     return messages
 
 
-KINDS = ("lean-json", "buffered-json", "duplex-json", "duplex-sse")
+KINDS = ("two-json", "lean-json", "buffered-json", "duplex-json", "duplex-sse")
 
 
 def main(argv: list[str] | None = None) -> int:
