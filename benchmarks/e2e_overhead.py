@@ -742,7 +742,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-floors", action="store_true", help="skip the floor processors")
     p.add_argument("--no-router", action="store_true", help="skip the vllm-router peer row")
     p.add_argument("--epp-log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="epp serve's --log-level (info, the product default: one line per request)")
+                   help="epp serve's --log-level (info, the product default; debug adds one line per request)")
     p.add_argument("--epp-arg", action="append", default=[], metavar="ARG",
                    help="one more argument for epp serve (repeatable), e.g. --epp-arg=--scheduling-profile=random")
     p.add_argument("--out", type=Path, metavar="PREFIX",

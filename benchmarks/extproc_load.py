@@ -101,7 +101,7 @@ _background: set[asyncio.Task[None]] = set()  # the drain tasks (the loop keeps 
 
 
 async def _drain(stream: asyncio.StreamReader, tail: list[bytes]) -> None:
-    """Keep reading epp's output so a full pipe never stalls it (one INFO line per request); keep its end."""
+    """Keep reading epp's output so a full pipe never stalls it (a line per request at debug); keep its end."""
     while chunk := await stream.read(1 << 16):
         tail[:] = [chunk]
 
@@ -176,7 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=non_negative_float, default=1.0, help="unmeasured seconds before each row (1)")
     ap.add_argument("--prompt-chars", type=positive_int, default=1000, help="prompt size in characters (1000)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                    help="epp's log level (info = one line per request)")
+                    help="epp's log level (debug = one line per request)")
     ap.add_argument("--json", action="store_true", help="one JSON object per row on stdout; table to stderr")
     return ap.parse_args(argv)
 

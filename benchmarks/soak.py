@@ -609,7 +609,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="most open fds epp may gain from start to end (10)")
     ap.add_argument("--epp-tls", action="store_true", help="TLS between Envoy and epp (self-signed)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                    help="epp's log level (info: one line per request, to a file)")
+                    help="epp's log level (debug: one line per request, to a file)")
     ap.add_argument("--scheduling-profile", default="epp-default", metavar="NAME",
                     help="epp's built-in scheduling profile (epp-default)")
     ap.add_argument("--tracemalloc", action="store_true",
