@@ -365,8 +365,16 @@ async def one(http: aiohttp.ClientSession, gateway: str, kind: str, k: int, path
         tally.bad(kind, tally.transport, f"request {k}: {type(exc).__name__}: {exc}")
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k for k in text.split(",") if k)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kinds {unknown} (choose from {', '.join(KINDS)})")
+    return kinds
+
+
 async def run_load(http: aiohttp.ClientSession, gateway: str, rate: float, seconds: float, seed: int,
-                   tally: Tally) -> None:
+                   tally: Tally, block: dict[str, int] = BLOCK) -> None:
     """Open loop: start each request at its Poisson arrival time; return when all have finished."""
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
@@ -381,7 +389,7 @@ async def run_load(http: aiohttp.ClientSession, gateway: str, rate: float, secon
             if at > seconds:
                 break
             if not kinds:
-                kinds = [kind for kind, n in BLOCK.items() for _ in range(n)]
+                kinds = [kind for kind, n in block.items() for _ in range(n)]
                 rng.shuffle(kinds)
             kind = kinds.pop()
             path, body = request_for(kind, k, rng)
@@ -570,7 +578,8 @@ async def soak(args: argparse.Namespace, out: Output, workdir: Path) -> dict[str
             out.say(f"{'phase':>6} {'t s':>8} {'requests':>9} {'epp MiB':>9} {'fds':>5} {'thr':>4} "
                     f"{'envoy MiB':>10} {'fds':>5} {'infl':>5} {'strm':>5}")
             loop = asyncio.get_running_loop()
-            load = loop.create_task(run_load(http, gateway, args.rate, args.warmup + seconds, args.seed, tally))
+            block = {kind: n for kind, n in BLOCK.items() if kind in args.kinds}
+            load = loop.create_task(run_load(http, gateway, args.rate, args.warmup + seconds, args.seed, tally, block))
             sampling: asyncio.Task[None] | None = None
             try:
                 if args.warmup > 0:
@@ -616,6 +625,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="diagnostic: trace epp's allocations from the start sample on and report what is "
                          "still live at the end, by source line (slows epp; its RSS then includes tracemalloc's)")
     ap.add_argument("--seed", type=int, default=0, help="arrival schedule and request contents (0)")
+    ap.add_argument("--kinds", type=_kinds, default=KINDS, metavar="K,K",
+                    help=f"only these kinds of request (diagnostics; default all: {','.join(KINDS)})")
     ap.add_argument("--logs", type=Path, default=None, metavar="DIR",
                     help="keep every process's log in DIR (default: a temporary directory)")
     ap.add_argument("--json", action="store_true", help="one JSON object per row on stdout; tables to stderr")
