@@ -224,18 +224,6 @@ def find_vllm_router() -> tuple[str | None, str]:
     return str(beside), ""
 
 
-def _envoy_wrapper(workdir: Path) -> str:
-    """An `envoy` that is the real one with `--concurrency 1` (EnvoyProcess has no argv hook).
-
-    `exec` keeps the pid, so /proc/<pid>/stat is Envoy's own.
-    """
-    real = envoy_process.find_envoy()
-    wrapper = workdir / "envoy"
-    wrapper.write_text(f'#!/bin/sh\nexec {real} --concurrency {ENVOY_CONCURRENCY} "$@"\n')
-    wrapper.chmod(0o755)
-    return str(wrapper)
-
-
 # ---- one cell of load -----------------------------------------------------------------------------
 
 _WRK_LUA = """\
@@ -363,8 +351,6 @@ class Bench:
             self.bodies[kind].write_text(text)
             self.scripts[kind] = self.workdir / f"{kind}.lua"
             self.scripts[kind].write_text(_WRK_LUA.format(body=text))
-        wrapper = _envoy_wrapper(self.workdir)
-        envoy_process.find_envoy = lambda: wrapper  # EnvoyProcess looks the binary up by this name
 
     def prepare_floors(self) -> str:
         """Build/find the floor processors; '' when ready, else why they cannot run."""
@@ -420,7 +406,8 @@ class Bench:
     async def _start_envoy(self, setup: Setup, boot: dict[str, Any], child: Child | None,
                            metrics: str | None) -> Running:
         self.envoys += 1
-        envoy = envoy_process.EnvoyProcess(boot, workdir=self.workdir / f"envoy-{self.envoys}")
+        envoy = envoy_process.EnvoyProcess(boot, workdir=self.workdir / f"envoy-{self.envoys}",
+                                           extra_args=("--concurrency", str(ENVOY_CONCURRENCY)))
         await envoy.start()
         try:
             address = await envoy.listener_address()
