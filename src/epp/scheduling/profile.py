@@ -349,28 +349,12 @@ schedulingProfiles:
   - {pluginRef: running-requests-size-scorer, weight: 1}
   - {pluginRef: max-score-picker}
 """,
-    # epp-default with the precise prefix scorer (KV events) in place of the approximate one;
-    # pods that publish no events still get the approximate match.  Needs the KV-event
-    # subscriber (``build_scheduler(kv_index=...)``); without it, it routes as epp-default.
-    "epp-precise": """
-plugins:
-- {type: candidate-sampler, parameters: {maxCandidates: 16}}
-- {type: estimated-queue-scorer, parameters: {queueScale: 4}}
-- {type: kv-cache-utilization-scorer}
-- {type: precise-prefix-cache-scorer, parameters: {affinityMaxExtraLoad: 4}}
-- {type: lora-affinity-scorer, parameters: {affinityMaxExtraLoad: 4}}
-- {type: max-score-picker}
-schedulingProfiles:
-- name: default
-  plugins:
-  - {pluginRef: candidate-sampler}
-  - {pluginRef: estimated-queue-scorer, weight: 2}
-  - {pluginRef: kv-cache-utilization-scorer, weight: 1}
-  - {pluginRef: precise-prefix-cache-scorer, weight: 5}
-  - {pluginRef: lora-affinity-scorer, weight: 1}
-  - {pluginRef: max-score-picker}
-""",
 }
+# epp-default with the precise prefix scorer (KV events) in place of the approximate one;
+# pods that publish no events still get the approximate match.  Needs the KV-event
+# subscriber (``build_scheduler(kv_index=...)``); without it, it routes as epp-default.
+_BUILTIN["epp-precise"] = _BUILTIN["epp-default"].replace("prefix-cache-scorer", "precise-prefix-cache-scorer")
+
 BUILTIN_PROFILES: tuple[str, ...] = tuple(sorted(_BUILTIN))
 
 
