@@ -95,7 +95,7 @@ async def test_self_signed_tls_by_default(write_pool):
 
 
 async def test_bad_pool_file_exits_2_with_one_line_and_no_ready_line(tmp_path):
-    bad = write_yaml(tmp_path / "pool.yaml", pool_doc(["1.2.3.4"]))
+    bad = write_yaml(tmp_path / "pool.yaml", pool_doc(["127.0.0.1"]))  # no port: invalid before anything is dialled
     proc = await asyncio.create_subprocess_exec(*EPP, "serve", "--pool-file", str(bad),
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 20)

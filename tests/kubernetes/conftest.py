@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import itertools
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
@@ -63,13 +61,6 @@ def _in_fresh_loop(coro: Awaitable[None]) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, main()).result()
-    # That loop is closed with the kube client's TLS connections still shutting down (aiohttp
-    # closes them asynchronously), so their transports are garbage now. Collect them here,
-    # where their "unclosed transport" warning means nothing, rather than during whichever
-    # later test happens to trigger the collection (which fails it under -W error).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 async def close_api(api: Any) -> None:

@@ -111,7 +111,7 @@ def probe_free_port() -> int:
     free port, release it and pass the number; ``LlmdSim.start`` retries on a lost race.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("0.0.0.0", 0))
+        s.bind(("127.0.0.1", 0))  # a port held on any interface makes this fail too
         return s.getsockname()[1]
 
 
