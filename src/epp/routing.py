@@ -198,6 +198,11 @@ class Router:
     def endpoints(self) -> tuple[Endpoint, ...]:
         return self._pool.endpoints()
 
+    @property
+    def mirrors(self) -> bool:
+        """Whether requests get a shadow pick (and so a mirror header)."""
+        return self._mirror_scheduler is not None and bool(self._pool.mirror_endpoints())
+
     def serving(self, model: str, candidates: Sequence[Endpoint]) -> Sequence[Endpoint]:
         """The candidates that can serve ``model``, when epp knows: an endpoint whose ``/v1/models``
         lists it (or that runs it as an adapter), or one that has not said what it serves.

@@ -229,6 +229,8 @@ class ExtProcStream:
             req.subset = parse_subset(hint)
         if self._hooks and TEST_SELECTION_HEADER in headers:
             req.subset = self._designated(headers[TEST_SELECTION_HEADER], req.subset)
+        routed_on_headers = http_headers.end_of_stream or req.mode in (BodySendMode.NONE, BodySendMode.STREAMED)
+        self._check_header_room(headers, req.header_count, body=not routed_on_headers)
         if http_headers.end_of_stream:
             if headers.get(":method") == "POST" and path.split("?", 1)[0] in _BODY_REQUIRED:
                 raise BadRequest(f"{path.split('?', 1)[0]} needs a JSON request body")
@@ -241,6 +243,21 @@ class ExtProcStream:
         if req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
             return []  # answered once the body is complete
         return [responses.request_headers_response()]
+
+    def _check_header_room(self, headers: dict[str, str], count: int, *, body: bool) -> None:
+        """431 now, before any body or pick, if the headers epp will add cannot fit: Envoy would
+        refuse the mutation and answer 500 with no body (its header-count limit bounds both)."""
+        added = (
+            (DESTINATION_HEADER not in headers)
+            + (REQUEST_ID_HEADER not in headers)
+            + (body and "content-length" not in headers)
+            + (self._router.mirrors and MIRROR_HEADER not in headers)
+        )
+        if count + added > self._max_headers:
+            raise HeadersTooMany(
+                f"the request has {count} headers; with the {added} the gateway adds "
+                f"that exceeds the limit of {self._max_headers}"
+            )
 
     def _designated(self, selection: str, hint: tuple[str, ...] | None) -> tuple[str, ...]:
         """The pool's endpoints a conformance test designated (and the subset hint allows)."""
@@ -326,13 +343,6 @@ class ExtProcStream:
             headers["content-length"] = str(body_len)
         if pick.mirror is not None:
             headers[MIRROR_HEADER] = pick.mirror.address
-        added = sum(1 for name in headers if name not in ctx.req.headers)
-        if ctx.req.header_count + added > self._max_headers:
-            # Envoy would refuse the mutation and answer 500 with no body; say why instead
-            raise HeadersTooMany(
-                f"the request has {ctx.req.header_count} headers; with the {added} the gateway adds "
-                f"that exceeds the limit of {self._max_headers}"
-            )
         ctx.req.state = RequestState.ROUTED
         ctx.request = request
         ctx.target_model = pick.target_model
