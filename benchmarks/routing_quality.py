@@ -76,6 +76,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import json
 import math
 import os
@@ -102,6 +104,7 @@ from _workload import (
 )
 from epp.datalayer import Datastore, InflightTicket
 from epp.datalayer.kvevents import KVEventIndex
+from epp.datalayer.peers import PeerSync
 from epp.domain import Endpoint, EndpointMetrics, InferenceRequest, Pool, estimate_tokens
 from epp.errors import Rejected
 from epp.scheduling import build_scheduler
@@ -217,7 +220,8 @@ class EppRouter:
     in-flight ticket until it finishes.
     """
 
-    def __init__(self, policy: str, run: Run, pods: int, seed: int, *, kv_events: bool = False) -> None:
+    def __init__(self, policy: str, run: Run, pods: int, seed: int, *, kv_events: bool = False,
+                 peers: bool = False) -> None:  # fmt: skip
         self.now = 0.0
         self.run = run
         self.store = Datastore(clock=self.clock)
@@ -226,12 +230,18 @@ class EppRouter:
         self.index = {e.address: i for i, e in enumerate(self.endpoints)}
         # The KV-event index of this replica, bounded by each pod's cache_config_info (num_gpu_blocks).
         self.kv_index = (
-            KVEventIndex(BlockKeys(), capacity_of=lambda a: (m.num_blocks if (m := self.store.metrics(a)) else None))
+            KVEventIndex(BlockKeys(), capacity_of=lambda a: (m.num_blocks if (m := self.store.metrics(a)) else None),
+                         now=self.clock)
             if kv_events
             else None
         )
+        # Active-active: what this replica tells the others (its load, its speculative entries).
+        self.peer_sync = (
+            PeerSync(self.store.load, self.kv_index, replica_id=f"replica-{seed}", now=self.clock) if peers else None
+        )
         profile = PROFILE_OF.get(policy, policy)
-        self.scheduler = build_scheduler(profile, self.store, rng=random.Random(seed), kv_index=self.kv_index)
+        self.scheduler = build_scheduler(profile, self.store, rng=random.Random(seed), kv_index=self.kv_index,
+                                         peers=self.peer_sync.load if self.peer_sync else None)  # fmt: skip
         self._scraped_at = [math.nan] * pods
         self._tickets: dict[str, InflightTicket] = {}
 
@@ -294,8 +304,12 @@ class Front:
     replicas do); scrapes reach every replica (each reads the fleet's snapshots on its next pick).
     """
 
-    def __init__(self, replicas: Sequence[EppRouter], run: Run, bypass_share: float, seed: int) -> None:
+    def __init__(self, replicas: Sequence[EppRouter], run: Run, bypass_share: float, seed: int,
+                 peer_lag: float = 0.005) -> None:  # fmt: skip
         self.replicas = list(replicas)
+        self.peer_lag = peer_lag
+        self._mail: list[tuple[float, int, EppRouter, bytes]] = []  # peer messages in flight, by arrival
+        self._mail_seq = itertools.count()
         self.run = run
         self.bypass_share = bypass_share
         self._rng = random.Random(seed ^ 0x5EED)
@@ -310,7 +324,10 @@ class Front:
             return self._rng.randrange(len(pods))
         replica = self.replicas[self._rng.randrange(len(self.replicas))]
         self._owner[tr.request_id] = replica
-        return replica.route(tr, pods, now)
+        self._deliver(now)
+        pod = replica.route(tr, pods, now)
+        self._post(replica, now)
+        return pod
 
     def finished(self, result: RequestResult) -> None:
         if len(self.replicas) == 1 and not self.bypass_share:
@@ -320,7 +337,25 @@ class Front:
         if owner is None:
             self.run.finished(result)
         else:
+            self._deliver(result.finish)
             owner.finished(result)
+            self._post(owner, result.finish)
+
+    def _post(self, sender: EppRouter, now: float) -> None:
+        """The replica's peer message, if it has news, reaches the others `peer_lag` later."""
+        sync = sender.peer_sync
+        if sync is not None and sync.dirty:
+            payload = sync.encode()
+            for r in self.replicas:
+                if r is not sender:
+                    heapq.heappush(self._mail, (now + self.peer_lag, next(self._mail_seq), r, payload))
+
+    def _deliver(self, now: float) -> None:
+        mail = self._mail
+        while mail and mail[0][0] <= now:
+            _, _, target, payload = heapq.heappop(mail)
+            assert target.peer_sync is not None
+            target.peer_sync.apply(payload)
 
     def kv_events(self, pod: int, frames: Sequence[bytes]) -> None:
         address = self.addresses[pod]
@@ -446,6 +481,7 @@ class Task:
     seed: int
     scenario: str = "base"
     kv_event_lag: float = 0.001
+    peer_lag: float | None = 0.005  # None: replicas share nothing but events and scrapes
 
 
 @lru_cache(maxsize=2)
@@ -464,9 +500,10 @@ def run_policy(task: Task) -> dict[str, Any]:
     if task.policy == "oracle":
         router = OracleRouter(run)
     else:
-        replicas = [EppRouter(task.policy, run, PODS, task.seed + k, kv_events=precise)
+        peers = scenario.replicas > 1 and task.peer_lag is not None
+        replicas = [EppRouter(task.policy, run, PODS, task.seed + k, kv_events=precise, peers=peers)
                     for k in range(scenario.replicas)]  # fmt: skip
-        router = Front(replicas, run, scenario.bypass_share, task.seed)
+        router = Front(replicas, run, scenario.bypass_share, task.seed, task.peer_lag or 0.0)
     kv_topics = [f"kv@10.0.0.{i + 1}:8000@{BASE_MODEL}" for i in range(PODS)]
     fleet = VirtualFleet(
         scenario.configs() if task.scenario != "base" else fleet_configs(PODS),
@@ -497,6 +534,7 @@ def run_policy(task: Task) -> dict[str, Any]:
         "replicas": scenario.replicas if task.policy != "oracle" else 1,
         "bypass_share": scenario.bypass_share,
         "restarts": len(scenario.faults(trace[0].arrival, trace[-1].arrival)),
+        "peer_sync": scenario.replicas > 1 and task.peer_lag is not None and task.policy != "oracle",
         "kv_events": events,
         "kv_us_per_event": sum(i.stats.apply_seconds for i in indexes) / events * 1e6 if events else math.nan,
         "kv_resets": sum(i.stats.resets for i in indexes),
@@ -705,6 +743,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of: " + ", ".join(SCENARIOS) + " (default base)")
     p.add_argument("--kv-event-lag", type=non_negative_float, default=0.001,
                    help="seconds from the step that produced a KV event to the replicas applying it (0.001)")
+    p.add_argument("--peer-lag", type=non_negative_float, default=0.005,
+                   help="seconds from a replica's change to its peers applying it (0.005: epp's 5 ms send interval)")
+    p.add_argument("--no-peer-sync", action="store_true",
+                   help="replicas share nothing but KV events and scrapes (no epp.datalayer.peers)")
     p.add_argument("--capacity", type=positive_float, help="fleet capacity in requests/s (skips the calibration run)")
     p.add_argument("--scrape-interval", type=positive_float, default=0.05,
                    help="seconds between metric scrapes (0.05)")
@@ -749,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             policies = list(EVENT_POLICIES)
         tasks += [
             Task(policy, load, load * capacity, args.duration, wl, args.scrape_interval, args.warmup,
-                 args.seed, name, args.kv_event_lag)
+                 args.seed, name, args.kv_event_lag, None if args.no_peer_sync else args.peer_lag)
             for load in args.loads
             for policy in policies
         ]  # fmt: skip

@@ -67,10 +67,20 @@ class App:
         profile: str | EndpointPickerConfig = settings.scheduling_profile
         if settings.config_file:
             profile = load_config_file(settings.config_file)
-        self.kv_index: Any = None  # epp.datalayer.kvevents.KVEventIndex with --kv-events-port
-        self.kv_subscriber: Any = None
-        if settings.kv_events_port:
+        self.kv_index: Any = None  # epp.datalayer.kvevents.KVEventIndex with --kv-events-port or -bind
+        self.kv_subscriber: Any = None  # KVEventSubscriber (--kv-events-port) or KVEventCollector (--kv-events-bind)
+        if settings.kv_events_port and settings.kv_events_bind:
+            raise ConfigError("--kv-events-port and --kv-events-bind are alternatives: give one")
+        if settings.kv_events_port or settings.kv_events_bind:
             self._setup_kv_events()
+        self.peer_sync: Any = None  # epp.datalayer.peers.PeerSync with --peer-bind
+        self.peer_link: Any = None  # its transport, bound in start()
+        if settings.peers and not settings.peer_bind:
+            raise ConfigError("--peers needs --peer-bind (where this replica publishes)")
+        if settings.peer_bind:
+            from epp.datalayer.peers import PeerSync
+
+            self.peer_sync = PeerSync(self.datastore.load, self.kv_index)
         scheduler = build_scheduler(
             profile,
             self.datastore,
@@ -78,6 +88,7 @@ class App:
             max_endpoints=1 + settings.max_fallback_endpoints,
             observe=self.metrics.observe_plugin,
             kv_index=self.kv_index,
+            peers=self.peer_sync.load if self.peer_sync is not None else None,
         )
         self.router = Router(
             self.datastore,
@@ -119,11 +130,12 @@ class App:
             return (m.num_blocks or None) if m is not None else None
 
         self.kv_index = KVEventIndex(BlockKeys(), capacity_of=capacity_of)
-        self.kv_subscriber = KVEventSubscriber(
-            self.kv_index,
-            port_endpoint(self.settings.kv_events_port),
-            topic_of=topic_prefix(self.settings.kv_events_topic_template),
-        )
+        if not self.settings.kv_events_bind:
+            self.kv_subscriber = KVEventSubscriber(
+                self.kv_index,
+                port_endpoint(self.settings.kv_events_port),
+                topic_of=topic_prefix(self.settings.kv_events_topic_template),
+            )
 
     @property
     def server(self) -> ExtProcServer:
@@ -243,6 +255,14 @@ class App:
             raise ConfigError(
                 f"cannot listen on {s.bind_address}:{s.grpc_port} (ext_proc) or :{s.grpc_health_port} (health): {exc}"
             ) from None
+        if s.kv_events_bind:  # bound after discovery, as the other ports
+            from epp.datalayer.kvcollect import KVEventCollector
+
+            self.kv_subscriber = KVEventCollector(self.kv_index, s.kv_events_bind)
+        if self.peer_sync is not None:
+            from epp.datalayer.peers import PeerLink
+
+            self.peer_link = PeerLink(self.peer_sync, s.peer_bind, s.peers)
         await self.server.start()
         http = web.Application()
         http.router.add_get("/metrics", self._metrics_handler)
@@ -265,6 +285,8 @@ class App:
             self.datastore.on_change(lambda: sub.follow(self.datastore.all_endpoints()))
             sub.follow(self.datastore.all_endpoints())
             self.supervisor.spawn("kv-events", sub.run)
+        if self.peer_link is not None:
+            self.supervisor.spawn("peers", self.peer_link.run)
         if self.elector is not None:
             self.supervisor.spawn("leader-election", self.elector.run)
         if self.settings.refresh_metrics_interval > 0:  # 0 turns scraping off (non-vLLM backends, benchmarks)
@@ -292,6 +314,8 @@ class App:
             "pool": pool.name if pool else None,
             "endpoints": len(self.datastore.endpoints()),
             "tls": self.settings.secure_serving,
+            **({"peer_port": self.peer_link.port} if self.peer_link is not None else {}),
+            **({"kv_events_port": self.kv_subscriber.port} if self.settings.kv_events_bind else {}),
         }
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -305,6 +329,8 @@ class App:
         await self.supervisor.aclose()  # a held Lease is released here (the elector's run is cancelled)
         if self.kv_subscriber is not None:
             self.kv_subscriber.close()
+        if self.peer_link is not None:
+            self.peer_link.close()
         if self._kube_api is not None:
             await self._kube_api.close()
         if self._metrics_runner is not None:

@@ -123,6 +123,27 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default="kv@{address}@",
         help="topic prefix per pod ({address} = ip:port of the pod's endpoint)",
     )
+    p.add_argument(
+        "--kv-events-bind",
+        default="",
+        metavar="tcp://IP:PORT",
+        help="bind one ZMQ SUB socket that pods connect their KV-event publishers to (llm-d-inference-sim's "
+        "--zmq-endpoint, vLLM's endpoint with a host); topics kv@<pod ip[:port]>@<model>; instead of --kv-events-port",
+    )
+    p.add_argument(
+        "--peer-bind",
+        default="",
+        metavar="tcp://IP:PORT",
+        help="active-active replicas: publish this replica's in-flight load and speculative prefix picks here",
+    )
+    p.add_argument(
+        "--peers",
+        type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+        default=(),
+        metavar="HOST:PORT,...",
+        help="the other replicas' --peer-bind addresses (a headless Service name resolves to every replica; "
+        "a replica ignores its own messages)",
+    )
     _flag(
         p,
         "--trust-model-rewrite-header",
@@ -238,6 +259,9 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         trust_model_rewrite_header=args.trust_model_rewrite_header,
         kv_events_port=args.kv_events_port,
         kv_events_topic_template=args.kv_events_topic_template,
+        kv_events_bind=args.kv_events_bind,
+        peer_bind=args.peer_bind,
+        peers=args.peers,
         route_admin_paths=args.route_admin_paths,
     )
 

@@ -244,4 +244,7 @@ class Settings:
     trust_model_rewrite_header: bool = False
     kv_events_port: int = 0  # 0: no KV-event subscription
     kv_events_topic_template: str = "kv@{address}@"
+    kv_events_bind: str = ""  # bind mode: one SUB socket pods connect to (llm-d-inference-sim, vLLM with a host)
+    peer_bind: str = ""  # active-active: publish this replica's load and speculative picks here (ZMQ PUB)
+    peers: tuple[str, ...] = ()  # host:port of the other replicas (a headless Service name finds them all)
     route_admin_paths: bool = False

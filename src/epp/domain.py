@@ -147,6 +147,8 @@ class InferenceRequest:
     objective: str = ""  # the InferenceObjective named by the request (transport-extracted)
     model_rewrite: str = ""  # the gateway's model-rewrite header, if any (routing decides whether to trust it)
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # chat requests: (role, text) per message, for a tokenizer that renders the server's chat template
+    messages: tuple[tuple[str, str], ...] = field(default=(), compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True)

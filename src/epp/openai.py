@@ -39,14 +39,19 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def _prompt_text(path: str, doc: dict[str, Any]) -> str:
-    if path.startswith(CHAT_COMPLETIONS) or "messages" in doc:
-        messages = doc.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise BadRequest("'messages' must be a non-empty list")
-        return "".join(
-            f"{m.get('role', '')}:{_content_text(m.get('content'))}\n" for m in messages if isinstance(m, dict)
-        )
+def _chat_messages(path: str, doc: dict[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """(role, text) per message of a chat request; None for other requests."""
+    if not (path.startswith(CHAT_COMPLETIONS) or "messages" in doc):
+        return None
+    messages = doc.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list")
+    return tuple((str(m.get("role", "")), _content_text(m.get("content"))) for m in messages if isinstance(m, dict))
+
+
+def _prompt_text(path: str, doc: dict[str, Any], messages: tuple[tuple[str, str], ...] | None = None) -> str:
+    if messages is not None:
+        return "".join(f"{role}:{text}\n" for role, text in messages)
     prompt = doc.get("prompt")
     if path.startswith(COMPLETIONS) and prompt is None:
         raise BadRequest("'prompt' is required")
@@ -108,7 +113,8 @@ def parse_inference_request(
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a non-empty string")
-    prompt = _prompt_text(path, doc)
+    messages = _chat_messages(path, doc)
+    prompt = _prompt_text(path, doc, messages)
     request = InferenceRequest(
         request_id=request_id or new_request_id(),
         model=model,
@@ -120,6 +126,7 @@ def parse_inference_request(
         objective=objective,
         model_rewrite=model_rewrite,
         headers=headers,
+        messages=messages or (),
     )
     return request, doc
 

@@ -22,7 +22,15 @@ lora_name]``.  :func:`decode_batch` reads both forms.
   that loses ``BlockRemoved`` events cannot grow the index without limit).
 
 ``AllBlocksCleared``, a disconnect (:class:`KVEventSubscriber`) and the pod leaving the pool
-(:meth:`KVEventIndex.retain`) drop a pod's entries as well.  Only the GPU tier
+(:meth:`KVEventIndex.retain`) drop a pod's entries as well.
+
+*Speculative* entries (:meth:`KVEventIndex.speculate`) cover the gap between a pick and the
+pod's report: a pod publishes a prompt's blocks only once its prefill has run (tens to
+hundreds of ms under load), so a burst of requests sharing a new prefix would otherwise see
+no holder and spread over the pool, duplicating the prefix where memory is shortest.  epp's
+own picks (and, through ``epp.datalayer.peers``, its peer replicas' picks) are entered with a
+time to live (2 s by default); they count as held until they expire or the pod is reset.
+``on_speculate`` (when set) hears every local speculation, for sharing with peers.  Only the GPU tier
 (``medium`` ``GPU`` or absent) and the first KV-cache group are indexed.
 
 :class:`KVEventSubscriber` owns one ZMQ SUB socket per pod (``zmq.asyncio``: reads never
@@ -137,7 +145,7 @@ def _event(raw: Any) -> Event | None:
             raise ValueError("token_ids must be an array")
         return BlockStored(
             tuple(_hash(h) for h in get("block_hashes") or ()),
-            None if parent is None else _hash(parent),
+            _hash(parent) or None if parent is not None else None,  # 0: no parent (llm-d's encoders)
             tokens,
             int(get("block_size") or 0),
             get("lora_id"),
@@ -198,6 +206,7 @@ class KVEventStats:
     overflow: int = 0  # entries dropped by the per-pod bound
     decode_errors: int = 0
     skipped: int = 0  # events for another tier or KV-cache group, of an unknown type, or inconsistent
+    speculated: int = 0  # picks entered as speculative entries (own and peers')
     apply_seconds: float = 0.0  # time spent decoding and applying messages
     by_reason: dict[str, int] = field(default_factory=dict)
 
@@ -207,11 +216,12 @@ class KVEventStats:
 
 
 class _Pod:
-    __slots__ = ("block_size", "blocks", "keys", "messages", "model", "seq")
+    __slots__ = ("block_size", "blocks", "keys", "messages", "model", "seq", "spec")
 
     def __init__(self) -> None:
         self.blocks: OrderedDict[int, int] = OrderedDict()  # engine hash → key, oldest first
         self.keys: dict[int, int] = {}  # key → engine blocks holding it
+        self.spec: OrderedDict[int, float] = OrderedDict()  # speculative key → expiry, soonest first
         self.seq: int | None = None
         self.block_size: int | None = None
         self.model = ""
@@ -220,6 +230,7 @@ class _Pod:
     def clear(self) -> None:
         self.blocks.clear()
         self.keys.clear()
+        self.spec.clear()
 
 
 def _topic_model(topic: bytes) -> str:
@@ -239,8 +250,11 @@ class KVEventIndex:
         capacity_of: Callable[[str], int | None] = lambda address: None,
         default_capacity: int = DEFAULT_CAPACITY,
         clock: Callable[[], float] = time.perf_counter,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
         self._chain = keys
+        self._now = now  # speculative entries' expiry (a virtual clock in simulations)
+        self.on_speculate: Callable[[str, int, Sequence[int], float], None] | None = None
         self._default_model = default_model
         self._capacity_of = capacity_of
         self._default_capacity = default_capacity
@@ -265,7 +279,47 @@ class KVEventIndex:
             if k not in held:
                 break
             n += 1
+        spec = pod.spec
+        if spec and n < len(keys):
+            now = self._now()
+            for k in keys[n:]:
+                if k not in held and spec.get(k, 0.0) <= now:
+                    break
+                n += 1
         return n
+
+    def speculate(self, address: str, keys: Sequence[int], ttl: float, *, share: bool = True) -> bool:
+        """The pod was just sent a prompt with these block ``keys`` (at the pod's block size):
+        count them as held for ``ttl`` seconds, until its own events tell.  False when the pod
+        has published nothing yet (its block size is unknown).  ``share``: tell ``on_speculate``
+        (False for entries that came from a peer)."""
+        pod = self._pods.get(address)
+        if pod is None or pod.block_size is None or not keys or ttl <= 0:
+            return False
+        now = self._now()
+        spec = pod.spec
+        while spec:  # expired entries leave from the front (every entry has the same ttl)
+            k, expiry = next(iter(spec.items()))
+            if expiry > now:
+                break
+            del spec[k]
+        expiry = now + ttl
+        for k in keys:
+            if k in spec:
+                spec.move_to_end(k)
+            spec[k] = expiry
+        cap = self._capacity_of(address) or self._default_capacity
+        while len(spec) > cap:
+            spec.popitem(last=False)
+        self.stats.speculated += 1
+        if share and self.on_speculate is not None:
+            self.on_speculate(address, pod.block_size, keys, ttl)
+        return True
+
+    def speculative(self, address: str) -> int:
+        """Speculative entries held for the pod (expired ones included until pruned)."""
+        pod = self._pods.get(address)
+        return len(pod.spec) if pod is not None else 0
 
     # ---- introspection -------------------------------------------------------------------------
     def __len__(self) -> int:

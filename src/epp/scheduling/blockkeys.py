@@ -36,12 +36,14 @@ a prompt that extends another shares its leading keys; keys are 64-bit unsigned 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import xxhash
 
-__all__ = ["TOKENIZERS", "BlockKeys", "BlockLookup", "Tokenizer", "Utf8QuadTokenizer"]
+from epp.scheduling.tokenizers import LlmdSimTokenizer
+
+__all__ = ["TOKENIZERS", "BlockKeys", "BlockLookup", "ChatTemplate", "Tokenizer", "Utf8QuadTokenizer"]
 
 _BYTES_PER_TOKEN = 4
 
@@ -54,10 +56,21 @@ class Tokenizer(Protocol):
     def token_ids(self, text: str) -> Sequence[int]: ...
 
 
+@runtime_checkable
+class ChatTemplate(Protocol):
+    """A tokenizer that also knows the server's chat template: the text a chat request becomes."""
+
+    def chat_text(self, messages: Sequence[tuple[str, str]]) -> str: ...
+
+
 class Utf8QuadTokenizer:
-    """epp-sim's tokenizer: one token per 4 UTF-8 bytes, the bytes read as a little-endian uint32."""
+    """epp-sim's tokenizer: one token per 4 UTF-8 bytes, the bytes read as a little-endian uint32;
+    chat requests are rendered with epp-sim's template (``epp_sim.openai_api.render_chat``)."""
 
     name = "utf8-quad"
+
+    def chat_text(self, messages: Sequence[tuple[str, str]]) -> str:
+        return "".join(f"<|{role}|>\n{text}\n" for role, text in messages) + "<|assistant|>\n"
 
     def token_ids(self, text: str) -> Sequence[int]:
         data = text.encode("utf-8", "surrogatepass")
@@ -65,7 +78,8 @@ class Utf8QuadTokenizer:
         return struct.unpack(f"<{len(data) // _BYTES_PER_TOKEN}I", data)
 
 
-TOKENIZERS: dict[str, type[Utf8QuadTokenizer]] = {"utf8-quad": Utf8QuadTokenizer}
+# tokenizer parameter of precise-prefix-cache-scorer → a factory
+TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"utf8-quad": Utf8QuadTokenizer, "llmd-sim": LlmdSimTokenizer}
 
 
 class BlockLookup(Protocol):
@@ -77,6 +91,10 @@ class BlockLookup(Protocol):
 
     def leading_run(self, address: str, keys: Sequence[int]) -> int:
         """How many of ``keys``, from the first, the pod holds without a gap."""
+        ...
+
+    def speculate(self, address: str, keys: Sequence[int], ttl: float) -> bool:
+        """epp just sent the pod a prompt with these keys: count them as held for ``ttl`` s."""
         ...
 
 
@@ -106,6 +124,13 @@ class BlockKeys:
             return []
         data = struct.pack(f"<{n * block_size}I", *token_ids[: n * block_size])
         return self._chain_bytes(parent, data, n, block_size * _BYTES_PER_TOKEN)
+
+    def request_text(self, prompt: str, messages: Sequence[tuple[str, str]] = ()) -> str:
+        """The text the server tokenizes: a chat request through the tokenizer's chat template
+        (when it has one), anything else as epp parsed it."""
+        if messages and isinstance(self.tokenizer, ChatTemplate):
+            return self.tokenizer.chat_text(messages)
+        return prompt
 
     def prompt_keys(self, text: str, model: str, block_size: int) -> list[int]:
         """Keys of the prompt's full leading blocks, at most ``max_blocks``."""

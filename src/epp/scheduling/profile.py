@@ -139,14 +139,15 @@ def _guarded(
 
 def _precise(name: str, params: dict[str, Any]) -> PrecisePrefixCacheScorer:
     """``precise-prefix-cache-scorer``: ``tokenizer`` (``utf8-quad``), ``maxPrefixBlocksToMatch``
-    (256), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
+    (256), ``speculativeTTL`` (seconds a pick counts as cached before the pod reports it; 2,
+    0 = off), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
     is bound by ``build_scheduler(kv_index=...)``.  (No hash seed: keys are epp's own, computed
     from token ids on both sides, so vLLM's ``PYTHONHASHSEED`` does not matter to them.)"""
     tokenizer = params.get("tokenizer", "utf8-quad")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"parameter tokenizer must be one of {', '.join(sorted(TOKENIZERS))}, got {tokenizer!r}")
     keys = BlockKeys(TOKENIZERS[tokenizer](), max_blocks=int(_num(params, "maxPrefixBlocksToMatch", 256, minimum=1)))
-    return PrecisePrefixCacheScorer(keys=keys, name=name)
+    return PrecisePrefixCacheScorer(keys=keys, speculative_ttl=_num(params, "speculativeTTL", 2.0), name=name)
 
 
 # type → (kind, constructor(name, parameters, rng))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from epp.domain import Criticality, Endpoint, EndpointMetrics, InferenceRequest
 from epp.errors import NoEndpoints, Shed
@@ -50,6 +50,13 @@ class SchedulingView(Protocol):
     def endpoints_with_adapter(self, adapter: str) -> Collection[str]: ...
 
 
+@runtime_checkable
+class PreRequest(Protocol):
+    """A plugin told of every decision's primary pick, before the request is sent."""
+
+    def pre_request(self, request: InferenceRequest, c: Candidates, picked: int) -> None: ...
+
+
 class Scheduler:
     def __init__(
         self,
@@ -59,8 +66,10 @@ class Scheduler:
         max_endpoints: int = 1,
         observe: PluginObserver | None = None,
         rng: random.Random | None = None,
+        peers: LoadView | None = None,
     ) -> None:
         self.profile = profile
+        self._peers = peers  # active-active: the other replicas' load (epp.datalayer.peers.PeerLoad)
         self._max_candidates = profile.max_candidates
         self._positions_of: Sequence[Endpoint] | None = None
         self._positions_map: dict[str, int] = {}
@@ -70,6 +79,10 @@ class Scheduler:
         self.max_endpoints = profile.max_endpoints or max_endpoints
         self._observe = observe
         self.prefix_index = PrefixIndex(default_capacity=profile.prefix.capacity) if profile.prefix else None
+        # PreRequest: plugins told of each primary pick (the precise prefix scorer's speculative entries)
+        self._pre_request: list[PreRequest] = [
+            inner for s, _ in profile.scorers if isinstance(inner := getattr(s, "inner", s), PreRequest)
+        ]
 
     @property
     def name(self) -> str:
@@ -143,22 +156,28 @@ class Scheduler:
     ) -> Candidates:
         """The candidates as epp sees them now."""
         addresses = [e.address for e in endpoints]
-        load = self._view.load
-        counts, tokens, unseen, unseen_tokens = load.requests, load.tokens, load.unseen, load.unseen_tokens
         index = self.prefix_index
         match: Sequence[float] = (
             index.match(hashes, addresses) if hashes and index is not None else [0.0] * len(endpoints)
         )
-        c = Candidates(
+        own, peers = self._view.load, self._peers
+        fields = [own.requests, own.tokens, own.unseen, own.unseen_tokens]
+        if peers is not None and (peers.requests or peers.unseen):  # active-active: every replica's sends
+            theirs = (peers.requests, peers.tokens, peers.unseen, peers.unseen_tokens)
+            counts, tokens, unseen, unseen_tokens = (
+                [m.get(a, 0) + p.get(a, 0) for a in addresses] for m, p in zip(fields, theirs, strict=True)
+            )
+        else:
+            counts, tokens, unseen, unseen_tokens = ([m.get(a, 0) for a in addresses] for m in fields)
+        return Candidates(
             endpoints=endpoints,
             metrics=self._view.fresh_metrics_of(addresses),
-            inflight=[counts.get(a, 0) for a in addresses],
-            inflight_tokens=[tokens.get(a, 0) for a in addresses],
+            inflight=counts,
+            inflight_tokens=tokens,
             prefix_match=match,
-            unseen=[unseen.get(a, 0) for a in addresses],
-            unseen_tokens=[unseen_tokens.get(a, 0) for a in addresses],
+            unseen=unseen,
+            unseen_tokens=unseen_tokens,
         )
-        return c
 
     def admit(self, request: InferenceRequest, pool: Sequence[Endpoint]) -> None:
         """Raise ``Shed`` for a sheddable request when the whole pool is saturated."""
@@ -203,6 +222,8 @@ class Scheduler:
             m = c.metrics[picked[0]]
             auto = self.profile.prefix is not None and self.profile.prefix.auto_tune
             self.prefix_index.record(primary.address, hashes, m.num_blocks if auto and m and m.num_blocks else None)
+        for plugin in self._pre_request:
+            plugin.pre_request(request, c, picked[0])
         return [c.endpoints[i] for i in picked]
 
 
@@ -214,15 +235,17 @@ def build_scheduler(
     max_endpoints: int = 1,
     observe: PluginObserver | None = None,
     kv_index: BlockLookup | None = None,
+    peers: LoadView | None = None,
 ) -> Scheduler:
     """A scheduler for a built-in profile name or a parsed config; ``rng`` drives every random choice.
 
     ``kv_index`` (the KV-event index, ``epp.datalayer.kvevents.KVEventIndex``) feeds the
     profile's ``precise-prefix-cache-scorer``s; without it they use the approximate index only.
+    ``peers`` (``epp.datalayer.peers.PeerLoad``) adds the other replicas' load to this one's.
     """
     rng = rng or random.Random()
     config = builtin_config(profile) if isinstance(profile, str) else profile
     source = f"profile {profile}" if isinstance(profile, str) else "--config-file"
     built = build_profile(config, rng, source)
     bind_block_lookup((s for s, _ in built.scorers), kv_index)
-    return Scheduler(built, view, max_endpoints=max_endpoints, observe=observe, rng=rng)
+    return Scheduler(built, view, max_endpoints=max_endpoints, observe=observe, rng=rng, peers=peers)

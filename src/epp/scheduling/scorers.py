@@ -99,29 +99,51 @@ class PrecisePrefixCacheScorer:
     size.  Unlike the approximate index, this knows about evictions, restarts, traffic that
     bypassed epp and other epp replicas' picks.  Wrapped in ``GuardedAffinityScorer`` (the
     ``affinityMaxExtraLoad`` parameter) it never piles work onto a saturated pod.
+
+    After each pick (:meth:`pre_request`) the primary is credited with the prompt's blocks as
+    *speculative* entries for ``speculative_ttl`` seconds (0: off), covering the time until the
+    pod's own events report them.
     """
 
     keys: BlockKeys = field(default_factory=BlockKeys)
     index: BlockLookup | None = None
+    speculative_ttl: float = 2.0
     name: str = "precise-prefix-cache-scorer"
     type: str = "precise-prefix-cache-scorer"
+
+    def _keys(self, request: InferenceRequest, c: Candidates, block_size: int) -> list[int]:
+        slot = ("precise-keys", id(self.keys), block_size)
+        keys = c.cache.get(slot)
+        if keys is None:
+            text = self.keys.request_text(request.prompt, request.messages)
+            keys = c.cache[slot] = self.keys.prompt_keys(text, request.target_model, block_size)
+        return cast(list[int], keys)
 
     def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
         index = self.index
         if index is None or not request.prompt:
             return list(c.prefix_match)
-        by_size: dict[int, list[int]] = {}
         out = []
         for e, approx in zip(c.endpoints, c.prefix_match, strict=True):
             block_size = index.block_size(e.address)
             if block_size is None:  # publishes nothing: what epp itself sent there
                 out.append(approx)
                 continue
-            keys = by_size.get(block_size)
-            if keys is None:
-                keys = by_size[block_size] = self.keys.prompt_keys(request.prompt, request.target_model, block_size)
+            keys = self._keys(request, c, block_size)
             out.append(index.leading_run(e.address, keys) / len(keys) if keys else 0.0)
         return out
+
+    def pre_request(self, request: InferenceRequest, c: Candidates, picked: int) -> None:
+        """The request goes to ``c.endpoints[picked]``: enter its blocks there speculatively."""
+        index = self.index
+        if index is None or self.speculative_ttl <= 0 or not request.prompt:
+            return
+        address = c.endpoints[picked].address
+        block_size = index.block_size(address)
+        if block_size is not None:
+            keys = self._keys(request, c, block_size)
+            if keys:
+                index.speculate(address, keys, self.speculative_ttl)
 
 
 def bind_block_lookup(scorers: Iterable[Any], index: BlockLookup | None) -> int:

@@ -79,7 +79,7 @@ def test_epp_precise_is_epp_default_with_the_precise_scorer() -> None:
 
 @pytest.mark.parametrize(
     "params, error",
-    [("{tokenizer: tiktoken}", "tokenizer must be one of utf8-quad"),
+    [("{tokenizer: tiktoken}", "tokenizer must be one of llmd-sim, utf8-quad"),
      ("{maxPrefixBlocksToMatch: 0}", "maxPrefixBlocksToMatch must be a number >= 1")],
     ids=["tokenizer", "max-blocks"],
 )  # fmt: skip
