@@ -20,8 +20,9 @@ Wire (ZMQ, two frames): ``b"epp-peer"`` and a msgpack array
 :class:`PeerLink` carries it: a PUB socket bound on ``bind`` (``tcp://<pod ip>:<port>``) and
 one SUB socket connected to every peer address (``host:port`` entries, resolved again every
 10 s, so a headless Service's name finds every replica; a replica hears and ignores its own
-messages).  It publishes every ``interval`` (5 ms) when something changed, and once a second
-regardless.  Messages are not authenticated: bind to the pod network only.
+messages).  It publishes every ``interval`` (5 ms) when something changed or a peer has just
+subscribed (the PUB side is an XPUB: it hears subscriptions), and once a second regardless.
+Messages are not authenticated: bind to the pod network only.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -51,6 +53,7 @@ TOPIC = b"epp-peer"
 _VERSION = 1
 _HEARTBEAT = 1.0  # seconds between messages when nothing changed
 _RESOLVE_EVERY = 10.0
+_MAX_TTL = 60.0  # a peer's speculative entries live at most this long, whatever it says
 
 
 class OwnLoad(Protocol):
@@ -187,7 +190,7 @@ class PeerSync:
                 self.stats.own += 1
                 return False
             load = {str(a): (int(v[0]), int(v[1]), int(v[2]), int(v[3])) for a, v in raw_load.items()}
-            entries = [(str(a), float(ttl), [int(k) for k in keys]) for a, ttl, keys in spec]
+            entries = [(str(a), _ttl(ttl), [int(k) for k in keys]) for a, ttl, keys in spec]
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, msgpack.ExtraData,
                 msgpack.FormatError, msgpack.StackError) as exc:  # fmt: skip
             self.stats.rejected += 1
@@ -195,13 +198,14 @@ class PeerSync:
             return False
         self.stats.received += 1
         last = self._seen.get(peer)
-        self._seen[peer] = (self._now(), seq)
-        if last is None or seq > last[1]:  # an older message (reordered) changes nothing
+        newest = last is None or seq > last[1]
+        self._seen[peer] = (self._now(), seq if newest or last is None else last[1])
+        if newest:  # an older message (reordered) changes no load
             self.load.set(peer, load)
         if self._index is not None:
             for address, ttl, keys in entries:
-                self._index.speculate(address, keys, ttl, share=False)
-                self.stats.spec_received += 1
+                if self._index.speculate(address, keys, ttl, share=False):
+                    self.stats.spec_received += 1
         return True
 
     def expire(self) -> list[str]:
@@ -213,6 +217,14 @@ class PeerSync:
             self.load.drop(p)
             self.stats.expired += 1
         return gone
+
+
+def _ttl(value: Any) -> float:
+    """A peer's speculative time to live: finite and positive, at most ``_MAX_TTL``."""
+    ttl = float(value)
+    if not 0 < ttl < math.inf:
+        raise ValueError(f"a speculative ttl must be a positive number, got {value!r}")
+    return min(ttl, _MAX_TTL)
 
 
 def _split(entry: str) -> tuple[str, int]:
@@ -238,7 +250,7 @@ class PeerLink:
         self.interval = interval
         self._own_context = context is None
         self._ctx = context or zmq.asyncio.Context()
-        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub = self._ctx.socket(zmq.XPUB)  # hears subscriptions: a new peer gets the state at once
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 1000)
         try:
@@ -256,6 +268,7 @@ class PeerLink:
         self._sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
         self._connected: set[str] = set()
+        self._welcome = False  # a peer subscribed since the last message
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._closed = False
 
@@ -286,7 +299,12 @@ class PeerLink:
             group.create_task(self._publish(), name="epp-peers publish")
             group.create_task(self._receive(), name="epp-peers receive")
             group.create_task(self._resolve_loop(), name="epp-peers resolve")
+            group.create_task(self._subscriptions(), name="epp-peers subscriptions")
 
+    async def _subscriptions(self) -> None:
+        while True:
+            if (await self._pub.recv())[:1] == b"\x01":
+                self._welcome = True
     async def _resolve_loop(self) -> None:
         while True:
             await self._resolve()
@@ -297,7 +315,8 @@ class PeerLink:
         while True:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
-            if sync.dirty or now - last >= _HEARTBEAT:
+            if sync.dirty or self._welcome or now - last >= _HEARTBEAT:
+                self._welcome = False
                 await self._pub.send_multipart([TOPIC, sync.encode()])
                 last = now
             sync.expire()

@@ -183,3 +183,126 @@ def test_cost_per_event_is_measured() -> None:
     idx.apply(POD, msg(0, stored_map([11, 12, 13], None, TOKENS), {"type": "BlockRemoved", "block_hashes": [13]}))
     assert idx.stats.events == 2 and idx.stats.messages == 1
     assert idx.stats.apply_seconds > 0 and idx.stats.seconds_per_event == idx.stats.apply_seconds / 2
+
+
+# ---- speculative entries (KVEventIndex.speculate) ------------------------------------------------
+
+
+class Clock:
+    """A clock the test advances by hand (``KVEventIndex(now=...)``)."""
+
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+OTHER_TOKENS = [7, 7, 7, 7]  # a block unrelated to TOKENS: publishing it makes the block size known
+
+
+def publishing(clock: Clock | None = None, **kw) -> KVEventIndex:
+    """An index where POD has published one block unrelated to TOKENS."""
+    idx = index(now=clock or Clock(), **kw)
+    idx.apply(POD, msg(0, stored_map([99], None, OTHER_TOKENS)))
+    return idx
+
+
+def test_speculative_entries_count_until_they_expire() -> None:
+    clock = Clock()
+    idx = index(now=clock)
+    idx.apply(POD, msg(0, stored_map([11], None, TOKENS[:4])))  # the first block is reported, the rest not
+    chain = keys_of(TOKENS)
+    assert idx.leading_run(POD, chain) == 1
+    assert idx.speculate(POD, chain, 2.0) is True
+    assert idx.stats.speculated == 1 and idx.speculative(POD) == 3
+    assert idx.leading_run(POD, chain) == 3  # reported block + speculative ones, one run
+    clock.t += 1.9
+    assert idx.leading_run(POD, chain) == 3
+    clock.t += 0.2  # 2.1 s after the pick: expired
+    assert idx.leading_run(POD, chain) == 1  # what the events reported stays
+    assert idx.num_blocks(POD) == 1  # speculation never enters the reported entries
+
+
+def test_a_second_pick_refreshes_the_speculative_entries() -> None:
+    clock = Clock()
+    idx = publishing(clock)
+    chain = keys_of(TOKENS)
+    idx.speculate(POD, chain, 2.0)
+    clock.t += 1.5
+    idx.speculate(POD, chain[:2], 2.0)  # the same prefix picked again: its two blocks live on
+    clock.t += 1.0  # 2.5 s after the first pick, 1 s after the second
+    assert idx.leading_run(POD, chain) == 2  # the third block's entry expired with the first pick
+    assert idx.stats.speculated == 2
+
+
+@pytest.mark.parametrize(
+    "prepare, keys, ttl",
+    [
+        (lambda idx: None, keys_of(TOKENS), 2.0),
+        (lambda idx: idx.apply(POD, msg(0, {"type": "AllBlocksCleared"})), keys_of(TOKENS), 2.0),
+        (lambda idx: idx.apply(POD, msg(0, stored_map([99], None, OTHER_TOKENS))), keys_of(TOKENS), 0.0),
+        (lambda idx: idx.apply(POD, msg(0, stored_map([99], None, OTHER_TOKENS))), [], 2.0),
+    ],
+    ids=["pod-never-published", "pod-published-no-block", "ttl-zero", "no-keys"],
+)  # fmt: skip
+def test_speculate_refuses(prepare, keys, ttl) -> None:
+    idx = index(now=Clock())
+    heard: list[tuple] = []
+    idx.on_speculate = lambda *args: heard.append(args)
+    prepare(idx)
+    assert idx.speculate(POD, keys, ttl) is False
+    assert idx.speculative(POD) == 0 and idx.stats.speculated == 0 and heard == []
+    assert idx.leading_run(POD, keys_of(TOKENS)) == 0
+
+
+def test_speculative_entries_are_bounded_by_the_pod_capacity() -> None:
+    idx = publishing(capacity_of={POD: 2}.get, default_capacity=1000)
+    chain = keys_of(TOKENS)
+    assert idx.speculate(POD, chain, 2.0) is True
+    assert idx.speculative(POD) == 2
+    assert idx.leading_run(POD, chain) == 0  # the oldest (leading) entry went first
+    assert idx.leading_run(POD, chain[1:]) == 2
+    other = "10.0.0.9:8000"  # no cache_config_info: the default bound
+    idx.apply(other, msg(0, stored_map([99], None, OTHER_TOKENS)))
+    idx.speculate(other, chain, 2.0)
+    assert idx.speculative(other) == 3 and idx.leading_run(other, chain) == 3
+
+
+@pytest.mark.parametrize(
+    "drop, other_kept",
+    [
+        (lambda idx: idx.reset(POD, "disconnected"), 3),
+        (lambda idx: idx.apply(POD, msg(1, {"type": "AllBlocksCleared"})), 3),
+        (lambda idx: idx.apply(POD, msg(7, stored_map([98], None, [6, 6, 6, 6]))), 3),
+        (lambda idx: idx.apply(POD, [TOPIC, struct.pack(">Q", 1), b"\xc1"]), 3),
+        (lambda idx: idx.retain(["10.0.0.2:8000"]), 3),
+        (lambda idx: idx.retain([]), 0),
+    ],
+    ids=["reset", "all-blocks-cleared", "sequence-gap", "malformed", "left-the-pool", "pool-emptied"],
+)
+def test_speculative_entries_go_when_the_pod_is_reset(drop, other_kept) -> None:
+    idx = publishing()
+    other = "10.0.0.2:8000"
+    idx.apply(other, msg(0, stored_map([99], None, OTHER_TOKENS)))
+    chain = keys_of(TOKENS)
+    idx.speculate(POD, chain, 2.0)
+    idx.speculate(other, chain, 2.0)
+    assert idx.leading_run(POD, chain) == 3
+    drop(idx)
+    assert idx.leading_run(POD, chain) == 0 and idx.speculative(POD) == 0
+    assert idx.leading_run(other, chain) == other_kept  # other pods keep theirs
+
+
+def test_on_speculate_hears_only_shared_entries() -> None:
+    idx = publishing()
+    other = "10.0.0.2:8000"
+    idx.apply(other, msg(0, stored_map([99], None, OTHER_TOKENS)))
+    heard: list[tuple] = []
+    idx.on_speculate = lambda *args: heard.append(args)
+    chain = keys_of(TOKENS)
+    assert idx.speculate(POD, chain, 2.0) is True
+    assert idx.speculate(other, chain, 1.5, share=False) is True  # a peer's pick: not told again
+    assert heard == [(POD, BS, chain, 2.0)]
+    assert idx.stats.speculated == 2  # own and peers' picks
+    assert idx.leading_run(other, chain) == 3  # a peer's entry counts like an own one
