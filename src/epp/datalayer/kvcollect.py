@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from epp.datalayer.kvevents import KVEventIndex
+from epp.datalayer.kvevents import CountWaiters, KVEventIndex
 from epp.domain import Endpoint
 from epp.errors import ConfigError
 
@@ -88,7 +88,7 @@ class KVEventCollector:
         self._ctx = context or zmq.asyncio.Context()
         self._by_address: dict[str, str] = {}
         self._by_ip: dict[str, str | None] = {}  # None: more than one endpoint has that ip
-        self._waiters: list[tuple[str, int, asyncio.Future[None]]] = []
+        self._waiters = CountWaiters()
         self._handshakes = 0
         self._handshake = asyncio.Condition()
         self._closed = False
@@ -172,7 +172,7 @@ class KVEventCollector:
             if self._waiters:
                 for address in touched:
                     if address is not None:
-                        self._wake(address)
+                        self._waiters.wake(address, self.index.messages(address))
 
     async def _watch(self) -> None:
         while True:
@@ -183,24 +183,9 @@ class KVEventCollector:
                     self._handshake.notify_all()
 
     # ---- waiting (tests) -----------------------------------------------------------------------
-    def _wake(self, address: str) -> None:
-        n = self.index.messages(address)
-        keep = []
-        for w in self._waiters:
-            if w[0] == address and w[1] <= n:
-                if not w[2].done():
-                    w[2].set_result(None)
-            else:
-                keep.append(w)
-        self._waiters = keep
-
     async def received(self, address: str, n: int) -> None:
         """Return once ``n`` messages from ``address`` have been applied (counted since it was first seen)."""
-        if self.index.messages(address) >= n:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((address, n, fut))
-        await fut
+        await self._waiters.wait(address, n, self.index.messages(address))
 
     async def connected(self, n: int = 1) -> None:
         """Return once ``n`` publisher connections have completed the handshake (counted since made;
@@ -217,9 +202,6 @@ class KVEventCollector:
             self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
-        for _, _, fut in self._waiters:
-            if not fut.done():
-                fut.cancel()
-        self._waiters.clear()
+        self._waiters.cancel()
         if self._own_context:
             self._ctx.destroy(linger=0)

@@ -65,6 +65,7 @@ __all__ = [
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
+    "CountWaiters",
     "EventBatch",
     "KVEventIndex",
     "KVEventStats",
@@ -486,6 +487,41 @@ def topic_prefix(template: str = "kv@{address}@") -> Callable[[Endpoint], str]:
     return topic_of
 
 
+class CountWaiters:
+    """Futures that wait until a count (per key) reaches a number: tests await them instead of
+    sleeping.  ``wake(key, count)`` after the count moved; ``cancel()`` when closing."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[object, int, asyncio.Future[None]]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    async def wait(self, key: object, n: int, count: int) -> None:
+        """Return once ``wake(key, c)`` has been called with ``c >= n`` (at once if ``count >= n``)."""
+        if count >= n:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((key, n, fut))
+        await fut
+
+    def wake(self, key: object, count: int) -> None:
+        keep = []
+        for w in self._waiting:
+            if w[0] == key and w[1] <= count:
+                if not w[2].done():
+                    w[2].set_result(None)
+            else:
+                keep.append(w)
+        self._waiting = keep
+
+    def cancel(self) -> None:
+        for _, _, fut in self._waiting:
+            if not fut.done():
+                fut.cancel()
+        self._waiting.clear()
+
+
 class _Sub:
     __slots__ = ("address", "endpoint", "monitor", "sock", "tasks", "topic")
 
@@ -527,7 +563,7 @@ class KVEventSubscriber:
         self._rcvhwm = rcvhwm
         self._subs: dict[str, _Sub] = {}
         self._group: asyncio.TaskGroup | None = None
-        self._waiters: list[tuple[str, int, asyncio.Future[None]]] = []
+        self._waiters = CountWaiters()
         self._closed = False
 
     @property
@@ -618,7 +654,7 @@ class KVEventSubscriber:
             else:
                 await asyncio.sleep(0)
             if self._waiters:
-                self._wake(address)
+                self._waiters.wake(address, self.index.messages(address))
 
     async def _watch(self, sub: _Sub) -> None:
         while True:
@@ -626,22 +662,9 @@ class KVEventSubscriber:
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.index.reset(sub.address, "disconnect")
 
-    def _wake(self, address: str) -> None:
-        n = self.index.messages(address)
-        ready = [w for w in self._waiters if w[0] == address and w[1] <= n]
-        if ready:
-            self._waiters = [w for w in self._waiters if not (w[0] == address and w[1] <= n)]
-            for _, _, fut in ready:
-                if not fut.done():
-                    fut.set_result(None)
-
     async def received(self, address: str, n: int) -> None:
         """Return once ``n`` messages from ``address`` have been applied (counted since it was first seen)."""
-        if self.index.messages(address) >= n:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((address, n, fut))
-        await fut
+        await self._waiters.wait(address, n, self.index.messages(address))
 
     def close(self) -> None:
         """Close every socket (idempotent); cancel :meth:`run` separately (the supervisor does)."""
@@ -651,8 +674,6 @@ class KVEventSubscriber:
         for sub in self._subs.values():
             self._close(sub)
         self._subs.clear()
-        for _, _, fut in self._waiters:
-            if not fut.done():
-                fut.cancel()
+        self._waiters.cancel()
         if self._own_context:
             self._ctx.destroy(linger=0)

@@ -43,6 +43,8 @@ import msgpack  # type: ignore[import-untyped]
 import zmq
 import zmq.asyncio
 
+from epp.datalayer.kvevents import CountWaiters
+from epp.datalayer.ledger import LoadLedger
 from epp.errors import ConfigError
 
 __all__ = ["TOPIC", "PeerLink", "PeerLoad", "PeerStats", "PeerSync"]
@@ -54,21 +56,6 @@ _VERSION = 1
 _HEARTBEAT = 1.0  # seconds between messages when nothing changed
 _RESOLVE_EVERY = 10.0
 _MAX_TTL = 60.0  # a peer's speculative entries live at most this long, whatever it says
-
-
-class OwnLoad(Protocol):
-    """This replica's ledger (``epp.datalayer.ledger.LoadLedger``)."""
-
-    @property
-    def version(self) -> int: ...
-    @property
-    def requests(self) -> Mapping[str, int]: ...
-    @property
-    def tokens(self) -> Mapping[str, int]: ...
-    @property
-    def unseen(self) -> Mapping[str, int]: ...
-    @property
-    def unseen_tokens(self) -> Mapping[str, int]: ...
 
 
 class SpecIndex(Protocol):
@@ -132,7 +119,7 @@ class PeerSync:
 
     def __init__(
         self,
-        ledger: OwnLoad,
+        ledger: LoadLedger,
         index: SpecIndex | None = None,
         *,
         replica_id: str | None = None,
@@ -269,7 +256,7 @@ class PeerLink:
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
         self._connected: set[str] = set()
         self._welcome = False  # a peer subscribed since the last message
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters = CountWaiters()
         self._closed = False
 
     @property
@@ -327,27 +314,17 @@ class PeerLink:
             if len(frames) == 2:
                 self.sync.apply(frames[1])
             if self._waiters:
-                n = self.sync.stats.received
-                for w in [w for w in self._waiters if w[0] <= n]:
-                    self._waiters.remove(w)
-                    if not w[1].done():
-                        w[1].set_result(None)
+                self._waiters.wake(None, self.sync.stats.received)
 
     async def received(self, n: int) -> None:
         """Return once ``n`` peer messages have been applied (tests wait on it)."""
-        if self.sync.stats.received >= n:
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
-        await fut
+        await self._waiters.wait(None, n, self.sync.stats.received)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for _, fut in self._waiters:
-            if not fut.done():
-                fut.cancel()
+        self._waiters.cancel()
         with contextlib.suppress(zmq.ZMQError):
             self._pub.close(linger=0)
             self._sub.close(linger=0)
