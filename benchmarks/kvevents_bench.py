@@ -12,6 +12,13 @@ Measures, each row one of:
 - `keys`: the request side, `BlockKeys.prompt_keys` for a prompt of `prompt_chars` characters
   (block size 16): µs per request and per block.
 - `memory`: bytes of Python heap per indexed block (tracemalloc, `--capacity` blocks).
+- `spec`: `KVEventIndex.speculate`, one pick's speculative entries (`blocks_per_event` keys):
+  µs per pick ("event") and per key; the precise scorer makes one per routed request.
+- `peer` / `peerfull`: one active-active peer message (`epp.datalayer.peers`): `PeerSync.encode`
+  on a replica with requests in flight on `prompt_chars` pods (the column is reused for the pod
+  count), one of them changed since the last message, and one speculative entry of 64 keys,
+  plus `apply` on the receiving replica: µs per message. `peer` carries the changed address
+  only (every message but one a second), `peerfull` every address (once a second).
 
     python benchmarks/kvevents_bench.py            # ~20 s
     python benchmarks/kvevents_bench.py --json     # rows on stdout, table on stderr
@@ -31,6 +38,8 @@ from typing import Any
 
 from _cli import ArgumentParser, Output, positive_int
 from epp.datalayer.kvevents import KVEventIndex, KVEventSubscriber
+from epp.datalayer.ledger import LoadLedger
+from epp.datalayer.peers import PeerSync
 from epp.domain import Endpoint
 from epp.scheduling.blockkeys import BlockKeys
 from epp_sim.kvevents import BlockRemoved, BlockStored, KVEventPublisher, encode_batch, frames
@@ -146,6 +155,45 @@ def bench_memory(capacity: int) -> dict[str, Any]:
     return r
 
 
+def _published(pods: int) -> KVEventIndex:
+    """An index that has heard one event from each of `pods` pods (so it knows their block size)."""
+    idx = KVEventIndex(BlockKeys())
+    for i in range(pods):
+        idx.apply(f"10.0.{i // 250}.{i % 250}:8000", frames(TOPIC, 0, encode_batch(0.0, [BlockStored((i + 1,), None,
+                  tuple(range(BS)), BS)], 0, "map")))  # fmt: skip
+    return idx
+
+
+def bench_spec(keys: int, reps: int = 20_000) -> dict[str, Any]:
+    idx = _published(1)
+    chain = list(range(1, keys + 1))
+    t0 = time.process_time()
+    for i in range(reps):
+        chain[0] = i  # a different prompt each time (new entries, as a stream of distinct prefixes)
+        idx.speculate("10.0.0.0:8000", chain, 2.0)
+    cpu = time.process_time() - t0
+    return row("spec", "", keys, math.nan, reps, cpu, keys * reps)
+
+
+def bench_peer(pods: int, full: bool, reps: int = 5_000) -> dict[str, Any]:
+    ledger = LoadLedger()
+    sender_index, receiver_index = _published(pods), _published(pods)
+    sender, receiver = PeerSync(ledger, sender_index), PeerSync(LoadLedger(), receiver_index)
+    endpoints = [Endpoint(f"10.0.{i // 250}.{i % 250}:8000", f"pod-{i}") for i in range(pods)]
+    for e in endpoints:
+        ledger.acquire(e, 1000)
+    receiver.apply(sender.encode())
+    keys = list(range(1, 65))
+    t0 = time.process_time()
+    for i in range(reps):
+        ledger.acquire(endpoints[i % pods], 1000).release()  # one address changed since the last message
+        sender_index.speculate("10.0.0.0:8000", keys, 2.0)  # and one pick's speculative entries
+        receiver.apply(sender.encode(full=full))
+    cpu = time.process_time() - t0
+    assert receiver.load.total_requests() == pods
+    return row("peerfull" if full else "peer", "", math.nan, pods, reps, cpu, 0)
+
+
 def row(measure: str, form: str, blocks: float, chars: float, events: int, cpu: float, total_blocks: int
         ) -> dict[str, Any]:  # fmt: skip
     return {
@@ -169,11 +217,11 @@ def fmt(v: Any, spec: str) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    head = f"{'measure':<8}{'form':<7}{'blocks/ev':>10}{'chars':>8}{'events':>9}{'µs/event':>10}{'µs/block':>10}" \
+    head = f"{'measure':<9}{'form':<7}{'blocks/ev':>10}{'chars':>8}{'events':>9}{'µs/event':>10}{'µs/block':>10}" \
            f"{'events/s':>11}{'B/block':>9}"  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['measure']:<8}{r['form']:<7}{fmt(r['blocks_per_event'], '>10.0f')}"
+        lines.append(f"{r['measure']:<9}{r['form']:<7}{fmt(r['blocks_per_event'], '>10.0f')}"
                      f"{fmt(r['prompt_chars'], '>8.0f')}{r['events']:>9}{fmt(r['us_per_event'], '>10.2f')}"
                      f"{fmt(r['us_per_block'], '>10.3f')}{fmt(r['events_per_s'], '>11,.0f')}"
                      f"{fmt(r['bytes_per_block'], '>9.0f')}")  # fmt: skip
@@ -196,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for chars in (1_000, 8_000, 32_000):
         rows.append(bench_keys(chars))
     rows.append(bench_memory(args.capacity))
+    rows.append(bench_spec(256))
+    for full in (False, True):
+        for pods in (8, 100, 1000):
+            rows.append(bench_peer(pods, full, reps=5_000 if not full or pods < 1000 else 500))
     for r in rows:
         assert tuple(r) == KEYS
         out.row(r)

@@ -59,7 +59,7 @@ class LoadLedger:
         self._unseen: dict[str, int] = {}
         self._unseen_tokens: dict[str, int] = {}
         self._epoch: dict[str, int] = {}  # scrapes seen per address: tells unseen from seen load
-        self.version = 0  # bumped on every change (peer replicas are told when it moved)
+        self.changed: set[str] = set()  # addresses whose counts moved since peers were last told
         self.requests: Mapping[str, int] = MappingProxyType(self._requests)
         self.tokens: Mapping[str, int] = MappingProxyType(self._tokens)
         self.unseen: Mapping[str, int] = MappingProxyType(self._unseen)
@@ -77,8 +77,8 @@ class LoadLedger:
     def scraped(self, address: str) -> None:
         """A new scrape shows everything sent before it: start counting unseen load anew."""
         self._epoch[address] = self._epoch.get(address, 0) + 1
-        self.version += 1
-        self._unseen.pop(address, None)
+        if self._unseen.pop(address, None) is not None:
+            self.changed.add(address)
         self._unseen_tokens.pop(address, None)
 
     def forget(self, address: str) -> None:
@@ -96,16 +96,16 @@ class LoadLedger:
         """
         self._unseen[address] = self._unseen.get(address, 0) + 1
         self._unseen_tokens.setdefault(address, 0)
-        self.version += 1
+        self.changed.add(address)
 
     def _add(self, address: str, tokens: int) -> int:
-        self.version += 1
+        self.changed.add(address)
         _bump(self._requests, self._tokens, address, 1, tokens)
         _bump(self._unseen, self._unseen_tokens, address, 1, tokens)
         return self._epoch.get(address, 0)
 
     def _sub(self, address: str, tokens: int, epoch: int) -> None:
-        self.version += 1
+        self.changed.add(address)
         if epoch == self._epoch.get(address, 0) and address in self._unseen:  # finished before any scrape saw it
             _bump(self._unseen, self._unseen_tokens, address, -1, -tokens)
         _bump(self._requests, self._tokens, address, -1, -tokens)

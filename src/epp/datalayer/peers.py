@@ -7,15 +7,19 @@ prefix entries of its picks (``KVEventIndex.speculate``).  Without that, two rep
 see half of the burst between two scrapes and both pick the same "least loaded" pod.
 
 :class:`PeerSync` (synchronous, the event-loop thread only) is the state: :meth:`encode`
-makes one message of this replica's whole load (a state, not deltas: a lost or reordered
-message is repaired by the next one, and no count can leak) plus the speculative entries
-made since the last message; :meth:`apply` takes a peer's.  :class:`PeerLoad` sums the
-peers' loads per pod: the scheduler adds it to its own ledger (``build_scheduler(peers=)``).
+makes one message of this replica's load (absolute values per address, not increments: once
+a second every address, in between only those that changed, so a lost message is repaired
+within a second and no count can leak) plus the speculative entries made since the last
+message; :meth:`apply` takes a peer's.  :class:`PeerLoad` sums the peers' loads per pod: the
+scheduler adds it to its own ledger (``build_scheduler(peers=)``).
 A peer silent for ``peer_timeout`` seconds (3 s; replicas send at least once a second) is
 dropped with everything it said.
 
 Wire (ZMQ, two frames): ``b"epp-peer"`` and a msgpack array
-``[1, replica_id, seq, {address: [requests, tokens, unseen, unseen_tokens]}, [[address, ttl, [key, ...]], ...]]``.
+``[1, replica_id, seq, full, {address: [requests, tokens, unseen, unseen_tokens]}, [[address, ttl, [key, ...]], ...]]``:
+``full`` messages (the first, one a second, and one whenever a peer subscribes) carry every
+address with load and replace what the peer said; the others carry only the addresses that
+changed (all zeros: nothing left there), so a message costs what changed, not the pool size.
 
 :class:`PeerLink` carries it: a PUB socket bound on ``bind`` (``tcp://<pod ip>:<port>``) and
 one SUB socket connected to every peer address (``host:port`` entries, resolved again every
@@ -87,6 +91,17 @@ class PeerLoad:
         self._by_peer[peer] = load
         self._add(load, 1)
 
+    def update(self, peer: str, changes: dict[str, tuple[int, int, int, int]]) -> None:
+        """Apply ``peer``'s changed addresses (all zeros: nothing left there)."""
+        mine = self._by_peer.setdefault(peer, {})
+        for address, values in changes.items():
+            old = mine.pop(address, None)
+            if old is not None:
+                self._add({address: old}, -1)
+            if any(values):
+                mine[address] = values
+                self._add({address: values}, 1)
+
     def drop(self, peer: str) -> None:
         self._add(self._by_peer.pop(peer, {}), -1)
 
@@ -146,33 +161,40 @@ class PeerSync:
     @property
     def dirty(self) -> bool:
         """Something to tell since the last :meth:`encode`."""
-        return bool(self._spec) or self._ledger.version != self._sent_version
+        return bool(self._spec) or bool(self._ledger.changed) or self._seq == 0
 
-    def encode(self) -> bytes:
-        """This replica's load now, and the speculative entries since the last message."""
+    def _entry(self, address: str) -> list[int]:
         ledger = self._ledger
-        tokens, unseen, unseen_tokens = ledger.tokens, ledger.unseen, ledger.unseen_tokens
-        load = {
-            a: [r, tokens.get(a, 0), unseen.get(a, 0), unseen_tokens.get(a, 0)]
-            for a, r in ledger.requests.items()
-        }
-        for a, u in unseen.items():  # unseen without in-flight: mirrored copies
-            if a not in load:
-                load[a] = [0, 0, u, unseen_tokens.get(a, 0)]
+        return [ledger.requests.get(address, 0), ledger.tokens.get(address, 0), ledger.unseen.get(address, 0),
+                ledger.unseen_tokens.get(address, 0)]  # fmt: skip
+
+    def encode(self, *, full: bool = False) -> bytes:
+        """One message: this replica's load (``full``: every address with load, else only the
+        addresses that changed since the last message, zeros meaning none left) and the
+        speculative entries since the last message.  The first message is always full."""
+        ledger = self._ledger
+        full = full or self._seq == 0
+        if full:
+            addresses: Iterable[str] = {*ledger.requests, *ledger.unseen}
+        else:
+            addresses = ledger.changed
+        load = {a: self._entry(a) for a in addresses}
+        ledger.changed = set()
         self._seq += 1
-        self._sent_version = ledger.version
         spec, self._spec = self._spec, []
         self.stats.sent += 1
         self.stats.spec_sent += len(spec)
-        return bytes(msgpack.packb([_VERSION, self.replica_id, self._seq, load, spec]))
+        return bytes(msgpack.packb([_VERSION, self.replica_id, self._seq, full, load, spec]))
 
     def apply(self, payload: bytes) -> bool:
         """A peer's message; False (and nothing changed) when it is this replica's own or malformed."""
         try:
             msg = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-            version, peer, seq, raw_load, spec = msg
+            version, peer, seq, full, raw_load, spec = msg
             if version != _VERSION or not isinstance(peer, str) or not isinstance(seq, int):
                 raise ValueError("unknown version")
+            if not isinstance(full, bool):
+                raise ValueError("full must be a boolean")
             if peer == self.replica_id:
                 self.stats.own += 1
                 return False
@@ -188,7 +210,10 @@ class PeerSync:
         newest = last is None or seq > last[1]
         self._seen[peer] = (self._now(), seq if newest or last is None else last[1])
         if newest:  # an older message (reordered) changes no load
-            self.load.set(peer, load)
+            if full or last is None:
+                self.load.set(peer, load)
+            else:  # changes only: a lost one is repaired by the next full message (at most a second away)
+                self.load.update(peer, load)
         if self._index is not None:
             for address, ttl, keys in entries:
                 if self._index.speculate(address, keys, ttl, share=False):
@@ -298,14 +323,16 @@ class PeerLink:
             await asyncio.sleep(_RESOLVE_EVERY)
 
     async def _publish(self) -> None:
-        sync, last = self.sync, 0.0
+        sync, last_full = self.sync, 0.0
         while True:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
-            if sync.dirty or self._welcome or now - last >= _HEARTBEAT:
+            if sync.dirty or self._welcome or now - last_full >= _HEARTBEAT:
+                full = self._welcome or now - last_full >= _HEARTBEAT
                 self._welcome = False
-                await self._pub.send_multipart([TOPIC, sync.encode()])
-                last = now
+                await self._pub.send_multipart([TOPIC, sync.encode(full=full)])
+                if full:
+                    last_full = now
             sync.expire()
 
     async def _receive(self) -> None:

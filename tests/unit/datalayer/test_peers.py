@@ -126,8 +126,8 @@ def test_a_random_replica_id_tells_two_replicas_apart() -> None:
     assert two.apply(one.encode()) is True and two.stats.own == 0
 
 
-def _valid(seq: int, load: object, spec: list | None = None) -> bytes:
-    return msgpack.packb([1, "a", seq, load, spec or []])
+def _valid(seq: int, load: object, spec: list | None = None, full: object = True) -> bytes:
+    return msgpack.packb([1, "a", seq, full, load, spec or []])
 
 
 @pytest.mark.parametrize(
@@ -136,10 +136,11 @@ def _valid(seq: int, load: object, spec: list | None = None) -> bytes:
         b"\xc1",
         msgpack.packb("hello"),
         msgpack.packb({"version": 1}),
-        msgpack.packb([1, "a", 9, {}]),
-        msgpack.packb([2, "a", 9, {}, []]),
-        msgpack.packb([1, 7, 9, {}, []]),
-        msgpack.packb([1, "a", "9", {}, []]),
+        msgpack.packb([1, "a", 9, True, {}]),
+        msgpack.packb([2, "a", 9, True, {}, []]),
+        msgpack.packb([1, 7, 9, True, {}, []]),
+        msgpack.packb([1, "a", "9", True, {}, []]),
+        _valid(9, {}, full="yes"),
         _valid(9, [["x", [1, 2, 3, 4]]]),
         _valid(9, {"x": [1, 2]}),
         _valid(9, {"x": ["one", 0, 0, 0]}),
@@ -148,7 +149,8 @@ def _valid(seq: int, load: object, spec: list | None = None) -> bytes:
         _valid(9, {}, [["x", 2.0, ["k"]]]),
         _valid(9, {}) + b"\x00",
     ],
-    ids=["not-msgpack", "a-string", "a-map", "four-fields", "version-2", "peer-not-a-string", "seq-not-an-int",
+    ids=["not-msgpack", "a-string", "a-map", "five-fields", "version-2", "peer-not-a-string", "seq-not-an-int",
+         "full-not-a-bool",
          "load-not-a-map", "load-entry-short", "load-count-not-a-number", "ttl-not-a-number", "spec-entry-short",
          "key-not-an-int", "trailing-bytes"],
 )  # fmt: skip
@@ -179,7 +181,9 @@ def test_a_silent_peer_expires_with_everything_it_said() -> None:
     assert b.expire() == ["a"]
     assert view(b) == EMPTY and b.load.peers == [] and b.stats.expired == 1
     assert b.expire() == []  # once
-    b.apply(a.encode())  # it speaks again: back with its current load
+    b.apply(a.encode())  # it speaks again: its changes count at once (none here) ...
+    assert b.load.peers == ["a"] and not b.load.requests
+    b.apply(a.encode(full=True))  # ... and its whole load with its next full message (at most a second later)
     assert b.load.requests == {E1.address: 1}
 
 
@@ -298,6 +302,34 @@ def test_a_replica_avoids_the_pod_its_peer_loaded(profile) -> None:
 @pytest.mark.parametrize("ttl", [math.inf, math.nan, -1.0, 0.0])
 def test_a_peers_speculation_with_a_bad_ttl_is_rejected(ttl: float) -> None:
     """A speculative entry must expire: a ttl that is not a positive finite number rejects the message."""
-    payload = msgpack.packb([1, "peer", 1, {}, [[E1.address, ttl, [1, 2]]]])
+    payload = msgpack.packb([1, "peer", 1, True, {}, [[E1.address, ttl, [1, 2]]]])
     b = PeerSync(LoadLedger())
     assert b.apply(payload) is False and b.stats.rejected == 1 and b.stats.received == 0
+
+
+def test_between_full_messages_only_changed_addresses_travel() -> None:
+    """A message carries every address only when full; otherwise the addresses that changed,
+    with zeros for one that has nothing left, and the peer's view is the same either way."""
+    ledger = LoadLedger()
+    a, b = pair(ledger)
+    tickets = [ledger.acquire(e, 10) for e in (E1, E2, E3)]
+    b.apply(a.encode())  # the first message is full
+    tickets[0].release()
+    delta = a.encode()
+    assert msgpack.unpackb(delta, strict_map_key=False)[3:5] == [False, {E1.address: [0, 0, 0, 0]}]
+    b.apply(delta)
+    assert dict(b.load.requests) == {E2.address: 1, E3.address: 1}
+    full = msgpack.unpackb(a.encode(full=True), strict_map_key=False)
+    assert full[3] is True and set(full[4]) == {E2.address, E3.address}
+
+
+def test_a_lost_change_is_repaired_by_the_next_full_message() -> None:
+    ledger = LoadLedger()
+    a, b = pair(ledger)
+    ticket = ledger.acquire(E1, 10)
+    b.apply(a.encode())
+    ticket.release()
+    a.encode()  # lost on the way
+    assert dict(b.load.requests) == {E1.address: 1}  # stale until the next full message
+    b.apply(a.encode(full=True))
+    assert not b.load.requests
