@@ -50,8 +50,17 @@ them):
   requests start over, its events number from 0 again);
 - `replicas`: two epp replicas share the fleet, each request to one of them at random; each
   has its own datastore (fed the same scrapes), in-flight tickets, approximate index and, for
-  epp-precise, KV-event index;
-- `adversarial`: evict + bypass + restart at once; `adversarial-2r`: the same with two replicas.
+  epp-precise, KV-event index; they are active-active peers (`epp.datalayer.peers`): each
+  replica's load and speculative entries reach the other `--peer-lag` later (5 ms; epp sends
+  every 5 ms; `--no-peer-sync` turns it off);
+- `adversarial`: evict + bypass + restart at once; `adversarial-2r`: the same with two replicas;
+- `many-apps`: evict's trace without the memory pressure.
+
+Each adversarial check also shows its *floor*: the same trace without the adversity (one
+replica, all memory, nothing bypassed or restarted: `base`, or `many-apps` for evict) under
+epp-precise, over epp-approx's p90: the lowest ratio any policy could reach if the adversity
+cost nothing. `--seeds 0,1,2` runs every row once per seed and reports medians (table, checks,
+and rows with `"seed": "median"`): near saturation one seed's p90 swings by 10x.
 
 Load is a fraction of the base workload's capacity on every workload, so each replays the
 base trace's arrival rate (`evict`'s trace has more applications, the rest the same
@@ -63,8 +72,8 @@ replicas) and counters (`kv_events`, `kv_resets`, `kv_orphans`, `kv_index_blocks
     python benchmarks/routing_quality.py --quick --json   # JSON lines on stdout, table on stderr
     python benchmarks/routing_quality.py                  # 6 loads up to 0.9, 200 s traces: ~10 min
     python benchmarks/routing_quality.py --quick --out benchmarks/results/routing_quality_quick
-    python benchmarks/routing_quality.py --quick --loads 0.85 \
-        --workloads base,evict,bypass,restart,replicas,adversarial,adversarial-2r
+    python benchmarks/routing_quality.py --quick --loads 0.7,0.85 --seeds 0,1,2 --policies epp-approx,epp-precise \
+        --workloads base,many-apps,evict,bypass,restart,replicas,adversarial,adversarial-2r
 
 Writes nothing to disk unless `--out PREFIX` is given; then PREFIX.json (run parameters,
 rows, checks), PREFIX.jsonl (the rows, as `--json` prints them) and PREFIX.png (the plot,

@@ -265,6 +265,7 @@ class PeerLink:
         self._pub = self._ctx.socket(zmq.XPUB)  # hears subscriptions: a new peer gets the state at once
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 1000)
+        self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only a topic's first
         try:
             self.peers = [_split(p) for p in peers]
             self._pub.bind(bind)
