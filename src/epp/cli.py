@@ -72,6 +72,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--lease-duration", type=_arg(parse_duration), default=15.0, metavar="DURATION")
     p.add_argument("--lease-renew-deadline", type=_arg(parse_duration), default=10.0, metavar="DURATION")
     p.add_argument("--lease-retry-period", type=_arg(parse_duration), default=2.0, metavar="DURATION")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N worker processes (one per core), all serving ext_proc and health on the same ports (SO_REUSEPORT: "
+        "the kernel spreads connections, so Envoy must open several) and sharing their in-flight load as peers; "
+        "worker i serves /metrics on --metrics-port + i. Default 1: one process",
+    )
     p.add_argument("--grpc-port", type=int, default=9002)
     p.add_argument("--grpc-health-port", type=int, default=9003)
     p.add_argument("--metrics-port", type=int, default=9090)
@@ -263,6 +272,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         peer_bind=args.peer_bind,
         peers=args.peers,
         route_admin_paths=args.route_admin_paths,
+        workers=args.workers,
     )
 
 
@@ -273,6 +283,10 @@ def _serve(settings: Settings) -> int:
     from epp.observability.logging import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    if settings.workers != 1:
+        from epp.workers import serve_workers
+
+        return serve_workers(settings)  # the parent: validates, starts the workers, prints their ready line
 
     def ready(app: App) -> None:
         # the readiness contract: one JSON line on stdout once every port is bound and the pool known
