@@ -195,6 +195,14 @@ def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="shadow cluster: epp's x-gateway-mirror-endpoint pick, or plain round-robin "
         "(default load-aware; plain with --wiring envoy-ai-gateway, as Envoy Gateway renders a mirror)",
     )
+    p.add_argument(
+        "--ext-proc-max-concurrent-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N ext_proc streams per HTTP/2 connection to epp (default: no limit, one connection per Envoy "
+        "worker thread); Envoy opens more connections beyond N, which epp serve --workers needs to use every worker",
+    )
     p.add_argument("--access-log", default=None, help="access log path (default stdout)")
     p.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
 
@@ -306,7 +314,15 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
     pool_file = load_pool_file(args.pool_file)
     if args.wiring == "envoy-ai-gateway":
-        fixed = [flag for flag, value in (("--body-mode", args.body_mode), ("--lb", args.lb)) if value is not None]
+        fixed = [
+            flag
+            for flag, value in (
+                ("--body-mode", args.body_mode),
+                ("--lb", args.lb),
+                ("--ext-proc-max-concurrent-streams", args.ext_proc_max_concurrent_streams),
+            )
+            if value is not None
+        ]
         if fixed:
             raise ConfigError(f"{', '.join(fixed)}: fixed by --wiring envoy-ai-gateway (full duplex, ORIGINAL_DST)")
         if args.epp_address.startswith("unix:"):
@@ -339,6 +355,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
             epp_tls=args.epp_tls,
             access_log_path=args.access_log,
             mirror_lb=args.mirror_lb or "load-aware",
+            ext_proc_max_concurrent_streams=args.ext_proc_max_concurrent_streams,
         )
     text = dump_bootstrap(boot)
     if args.output == "-":
