@@ -26,9 +26,14 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from epp.config import load_pool_file
+from epp.envoy.config import render_bootstrap
+from epp.envoy.process import EnvoyProcess
+
 from support import pool_doc, write_yaml
 from support.messages import ExtProcClient, request_body, request_headers, response_body, response_headers, set_headers
 from support.serve import EPP, READY_KEYS, Serving, start_serve
+from support.upstreams import Upstream, wait_for_arrivals
 
 PODS = ["127.0.0.1:18001", "127.0.0.1:18002"]
 NAMES = {"127.0.0.1:18001": "test-pool-0", "127.0.0.1:18002": "test-pool-1"}
@@ -51,6 +56,15 @@ async def scrape(http: aiohttp.ClientSession, port: int) -> dict[tuple[str, str]
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[(sample.name, sample.labels.get("model_server_pod", ""))] = sample.value
+    return out
+
+
+async def routed_per_worker(http: aiohttp.ClientSession, served: Serving) -> list[float]:
+    """``inference_model_request_total`` (all labels) of each worker, in worker order."""
+    out = []
+    for port in served.ready["worker_metrics_ports"]:
+        page = await scrape(http, port)
+        out.append(sum(v for (name, _), v in page.items() if name == "inference_model_request_total"))
     return out
 
 
@@ -135,9 +149,7 @@ async def test_one_ready_line_names_both_workers_and_streams_reach_both(write_po
         assert ready["metrics_port"] == ports[0] and len(set(ports)) == 2
         chans = await channels_per_worker(served, http)
         try:
-            # each worker counted its own routed request(s): both served streams
-            totals = [sum(v for (name, _), v in (await scrape(http, p)).items()
-                          if name == "inference_model_request_total") for p in ports]  # fmt: skip
+            totals = await routed_per_worker(http, served)  # each worker counted what it routed
             assert all(t >= 1 for t in totals), totals
         finally:
             for ch in chans:
@@ -251,3 +263,44 @@ async def test_what_workers_cannot_share_is_a_config_error(write_pool, flag, mes
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2 and out == b"" and message in err.decode()
+
+
+@pytest.mark.parametrize(("cap", "connections"), [(None, 1), (2, 4)], ids=["no-cap", "cap-2"])
+async def test_envoy_opens_more_connections_to_epp_only_with_a_stream_cap(write_pool, tmp_path, cap, connections):
+    """Real Envoy (one worker thread) in front of ``epp serve --workers 2``: without
+    ``--ext-proc-max-concurrent-streams`` every ext_proc stream shares one HTTP/2 connection,
+    so one worker serves them all; with a cap of 2 and 8 requests held open at once, Envoy
+    opens 4 connections, which the kernel spreads over the workers."""
+    hold = asyncio.Event()
+    ups = [await Upstream(f"pod-{i}", hold=hold).start() for i in range(2)]
+    pool = write_yaml(tmp_path / "pool.yaml", pool_doc([u.address for u in ups]))
+    served = await start_serve(pool, *COMMON)
+    config = render_bootstrap(load_pool_file(pool), listen_port=0, epp_address=served.address("grpc"),
+                              ext_proc_max_concurrent_streams=cap)  # fmt: skip
+    envoy = EnvoyProcess(config, extra_args=("--concurrency", "1"))
+    try:
+        await envoy.start()
+        url = f"http://{await envoy.listener_address()}/v1/completions"
+        async with aiohttp.ClientSession() as http:
+
+            async def post() -> int:
+                async with http.post(url, json={"model": "m", "prompt": "hi", "max_tokens": 1}) as r:
+                    return r.status
+
+            posts = [asyncio.ensure_future(post()) for _ in range(8)]
+            await wait_for_arrivals(ups, 8, method="POST")  # all 8 ext_proc streams open at once
+            stats = await envoy.stats(r"cluster\.epp\.upstream_cx_total$")
+            hold.set()
+            assert await asyncio.gather(*posts) == [200] * 8
+            totals = await routed_per_worker(http, served)
+        assert stats["cluster.epp.upstream_cx_total"] == connections
+        assert sum(totals) == 8
+        if cap is None:
+            assert sorted(totals) == [0, 8]  # one connection: one worker
+    finally:
+        hold.set()
+        await envoy.aclose()
+        assert await served.stop() == 0
+        assert served.proc.stdout is not None and await served.proc.stdout.read() == b""
+        for u in ups:
+            await u.aclose()
