@@ -4,6 +4,7 @@
 #   benchmarks/ghz/run.sh [--quick] [--json] [--duration 10s] [--concurrency "1 16 64"]
 #                         [--setups "floor-go floor-py epp"] [--sequences "buffered-json duplex-json duplex-sse"]
 #                         [--sse-chunks 64] [--fixed-request-id] [--out-dir benchmarks/results/ghz]
+#   benchmarks/ghz/run.sh --build-only      # build ghz (once) and print its path: workers_bench.py uses it
 #
 # One ghz "request" is one ext_proc stream, i.e. the messages Envoy sends for one HTTP
 # request (benchmarks/ghz/messages.py writes them); streams/s and latency are per stream.
@@ -43,9 +44,10 @@ sequences="lean-json buffered-json duplex-json duplex-sse"
 sse_chunks=64
 id_flag=()
 json=()
+build_only=""
 out_dir=$ROOT/benchmarks/results/ghz
 
-usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) duration=2s; warmup=1s; shift ;;
@@ -56,6 +58,7 @@ while [[ $# -gt 0 ]]; do
         --sequences) sequences=${2:?}; shift 2 ;;
         --sse-chunks) sse_chunks=${2:?}; shift 2 ;;
         --fixed-request-id) id_flag=(--fixed-request-id); shift ;;
+        --build-only) build_only=1; shift ;;
         --out-dir) out_dir=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         *) echo "run.sh: unknown argument $1 (--help for usage)" >&2; exit 2 ;;
@@ -178,6 +181,7 @@ start_setup() {
 }
 
 build_ghz
+if [[ -n $build_only ]]; then echo "$GHZ"; exit 0; fi
 floor_go=""
 if [[ " $setups " == *" floor-go "* ]]; then
     floor_go=$("$PY" "$ROOT/benchmarks/baselines/build.py")

@@ -1,3 +1,4 @@
 from epp.cli import entrypoint
 
-entrypoint()
+if __name__ == "__main__":  # not when multiprocessing's spawn imports it in a --workers child
+    entrypoint()

@@ -73,11 +73,11 @@ class App:
             raise ConfigError("--kv-events-port and --kv-events-bind are alternatives: give one")
         if settings.kv_events_port or settings.kv_events_bind:
             self._setup_kv_events()
-        self.peer_sync: Any = None  # epp.datalayer.peers.PeerSync with --peer-bind
+        self.peer_sync: Any = None  # epp.datalayer.peers.PeerSync with --peer-bind, and in every --workers worker
         self.peer_link: Any = None  # its transport, bound in start()
         if settings.peers and not settings.peer_bind:
             raise ConfigError("--peers needs --peer-bind (where this replica publishes)")
-        if settings.peer_bind:
+        if settings.peer_bind or settings.worker_peer_bind:
             from epp.datalayer.peers import PeerSync
 
             self.peer_sync = PeerSync(self.datastore.load, self.kv_index)
@@ -178,14 +178,18 @@ class App:
 
     def _pool_snapshot(self) -> PoolSnapshot:
         store = self.datastore
+        peers = self.peer_sync.load.requests if self.peer_sync is not None else None
         pods = []
         for e in store.endpoints():
             m = store.fresh_metrics(e.address)
             inflight = store.load.inflight(e.address)
+            peer = peers.get(e.address, 0) if peers is not None else 0
             pods.append(
-                PodLoad(e.name, inflight) if m is None else PodLoad(e.name, inflight, m.waiting, m.running, m.kv_usage)
+                PodLoad(e.name, inflight, peer_inflight=peer)
+                if m is None
+                else PodLoad(e.name, inflight, m.waiting, m.running, m.kv_usage, peer)
             )
-        return PoolSnapshot(name=store.pool.name if store.pool else "", pods=pods)
+        return PoolSnapshot(name=store.pool.name if store.pool else "", pods=pods, peers=peers is not None)
 
     def _scrape_failed(self, endpoint: Endpoint, reason: str) -> None:
         pool = self.datastore.pool_of(endpoint.address)
@@ -250,6 +254,7 @@ class App:
                 health_port=s.grpc_health_port,
                 tls=self._tls,
                 unix_address=s.grpc_address,
+                reuse_port=s.reuse_port,
             )
         except RuntimeError as exc:  # grpc's "Failed to bind": the port is taken or not ours
             raise ConfigError(
@@ -262,7 +267,8 @@ class App:
         if self.peer_sync is not None:
             from epp.datalayer.peers import PeerLink
 
-            self.peer_link = PeerLink(self.peer_sync, s.peer_bind, s.peers)
+            binds = [b for b in (s.peer_bind, s.worker_peer_bind) if b]  # other pods' replicas; sibling workers
+            self.peer_link = PeerLink(self.peer_sync, binds, s.peers, connect=s.worker_peers)
         await self.server.start()
         http = web.Application()
         http.router.add_get("/metrics", self._metrics_handler)
@@ -314,7 +320,7 @@ class App:
             "pool": pool.name if pool else None,
             "endpoints": len(self.datastore.endpoints()),
             "tls": self.settings.secure_serving,
-            **({"peer_port": self.peer_link.port} if self.peer_link is not None else {}),
+            **({"peer_port": self.peer_link.port} if self.settings.peer_bind else {}),
             **({"kv_events_port": self.kv_subscriber.port} if self.settings.kv_events_bind else {}),
         }
 

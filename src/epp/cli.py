@@ -72,6 +72,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--lease-duration", type=_arg(parse_duration), default=15.0, metavar="DURATION")
     p.add_argument("--lease-renew-deadline", type=_arg(parse_duration), default=10.0, metavar="DURATION")
     p.add_argument("--lease-retry-period", type=_arg(parse_duration), default=2.0, metavar="DURATION")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N worker processes (one per core), all serving ext_proc and health on the same ports (SO_REUSEPORT: "
+        "the kernel spreads connections, so Envoy must open several) and sharing their in-flight load as peers; "
+        "worker i serves /metrics on --metrics-port + i. Default 1: one process",
+    )
     p.add_argument("--grpc-port", type=int, default=9002)
     p.add_argument("--grpc-health-port", type=int, default=9003)
     p.add_argument("--metrics-port", type=int, default=9090)
@@ -186,6 +195,14 @@ def _add_envoy_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="shadow cluster: epp's x-gateway-mirror-endpoint pick, or plain round-robin "
         "(default load-aware; plain with --wiring envoy-ai-gateway, as Envoy Gateway renders a mirror)",
     )
+    p.add_argument(
+        "--ext-proc-max-concurrent-streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N ext_proc streams per HTTP/2 connection to epp (default: no limit, one connection per Envoy "
+        "worker thread); Envoy opens more connections beyond N, which epp serve --workers needs to use every worker",
+    )
     p.add_argument("--access-log", default=None, help="access log path (default stdout)")
     p.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
 
@@ -263,6 +280,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         peer_bind=args.peer_bind,
         peers=args.peers,
         route_admin_paths=args.route_admin_paths,
+        workers=args.workers,
     )
 
 
@@ -273,6 +291,10 @@ def _serve(settings: Settings) -> int:
     from epp.observability.logging import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    if settings.workers != 1:
+        from epp.workers import serve_workers
+
+        return serve_workers(settings)  # the parent: validates, starts the workers, prints their ready line
 
     def ready(app: App) -> None:
         # the readiness contract: one JSON line on stdout once every port is bound and the pool known
@@ -292,7 +314,15 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
     pool_file = load_pool_file(args.pool_file)
     if args.wiring == "envoy-ai-gateway":
-        fixed = [flag for flag, value in (("--body-mode", args.body_mode), ("--lb", args.lb)) if value is not None]
+        fixed = [
+            flag
+            for flag, value in (
+                ("--body-mode", args.body_mode),
+                ("--lb", args.lb),
+                ("--ext-proc-max-concurrent-streams", args.ext_proc_max_concurrent_streams),
+            )
+            if value is not None
+        ]
         if fixed:
             raise ConfigError(f"{', '.join(fixed)}: fixed by --wiring envoy-ai-gateway (full duplex, ORIGINAL_DST)")
         if args.epp_address.startswith("unix:"):
@@ -325,6 +355,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
             epp_tls=args.epp_tls,
             access_log_path=args.access_log,
             mirror_lb=args.mirror_lb or "load-aware",
+            ext_proc_max_concurrent_streams=args.ext_proc_max_concurrent_streams,
         )
     text = dump_bootstrap(boot)
     if args.output == "-":

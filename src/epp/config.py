@@ -248,3 +248,8 @@ class Settings:
     peer_bind: str = ""  # active-active: publish this replica's load and speculative picks here (ZMQ PUB)
     peers: tuple[str, ...] = ()  # host:port of the other replicas (a headless Service name finds them all)
     route_admin_paths: bool = False
+    # --workers N: N processes serve the same ports (SO_REUSEPORT) and share load as peers (epp.workers)
+    workers: int = 1
+    reuse_port: bool = False  # set for each worker process, so its siblings can bind the same ports
+    worker_peer_bind: str = ""  # a worker's own peer endpoint (ipc:// in the parent's private directory)
+    worker_peers: tuple[str, ...] = ()  # its siblings' peer endpoints (full ZMQ endpoints, connected as given)

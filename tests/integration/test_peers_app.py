@@ -92,3 +92,20 @@ async def test_epp_serve_kv_events_bind_collects_what_pods_publish(write_pool, s
     finally:
         pub.close(linger=0)
         ctx.destroy(linger=0)
+
+
+async def test_sibling_workers_exchange_load_over_ipc(write_pool, start_app, socket_dir) -> None:
+    """What ``epp serve --workers`` wires: no --peer-bind, each App binds its own ipc:// endpoint
+    and connects to its sibling's as given (bound or not yet: ZMQ retries)."""
+    pool = write_pool(PODS)
+    ends = [f"ipc://{socket_dir}/peer-{i}" for i in range(2)]
+    common = {"scheduling_profile": "least-inflight", "refresh_metrics_interval": 0}
+    a = await start_app(pool, worker_peer_bind=ends[0], worker_peers=(ends[1],), **common)
+    b = await start_app(pool, worker_peer_bind=ends[1], worker_peers=(ends[0],), **common)
+    assert "peer_port" not in a.ready_line()  # no pod-to-pod endpoint
+    busy = a.datastore.endpoints()[0]
+    claim = a.router.acquire(Pick((busy,)), 100)
+    await until(b, lambda: b.peer_sync.load.requests.get(busy.address) == 1)
+    assert {b.router.route(request(n)).primary.address for n in range(5)} == {PODS[1]}
+    claim.release()
+    await until(b, lambda: not b.peer_sync.load.requests)

@@ -48,7 +48,17 @@ LAYERS: dict[str, set[str]] = {
         "epp.scheduling",
         "epp.supervisor",
     },
-    "epp.cli": {*LEAVES, "epp.app", "epp.config", "epp.demo", "epp.envoy", "epp.mirror_report", "epp.observability"},
+    "epp.workers": {*LEAVES, "epp.app", "epp.config", "epp.observability", "epp.scheduling"},
+    "epp.cli": {
+        *LEAVES,
+        "epp.app",
+        "epp.config",
+        "epp.demo",
+        "epp.envoy",
+        "epp.mirror_report",
+        "epp.observability",
+        "epp.workers",
+    },
     "epp.__main__": {"epp.cli"},
     "epp": set(),
 }

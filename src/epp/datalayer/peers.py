@@ -21,12 +21,15 @@ Wire (ZMQ, two frames): ``b"epp-peer"`` and a msgpack array
 address with load and replace what the peer said; the others carry only the addresses that
 changed (all zeros: nothing left there), so a message costs what changed, not the pool size.
 
-:class:`PeerLink` carries it: a PUB socket bound on ``bind`` (``tcp://<pod ip>:<port>``) and
-one SUB socket connected to every peer address (``host:port`` entries, resolved again every
-10 s, so a headless Service's name finds every replica; a replica hears and ignores its own
-messages).  It publishes every ``interval`` (5 ms) when something changed or a peer has just
-subscribed (the PUB side is an XPUB: it hears subscriptions), and once a second regardless.
-Messages are not authenticated: bind to the pod network only.
+:class:`PeerLink` carries it: a PUB socket bound on ``bind`` (``tcp://<pod ip>:<port>``; one
+endpoint or several, e.g. that and an ``ipc://`` one for the sibling workers of
+``epp serve --workers``) and one SUB socket connected to every peer address (``host:port``
+entries, resolved again every 10 s, so a headless Service's name finds every replica; a
+replica hears and ignores its own messages) and to every full ZMQ endpoint in ``connect``
+(``ipc://…``, ``tcp://…``, connected as given).  It publishes every ``interval`` (5 ms) when
+something changed or a peer has just subscribed (the PUB side is an XPUB: it hears
+subscriptions), and once a second regardless.  Messages are not authenticated: bind to the
+pod network only.
 """
 
 from __future__ import annotations
@@ -252,9 +255,10 @@ class PeerLink:
     def __init__(
         self,
         sync: PeerSync,
-        bind: str,
+        bind: str | Sequence[str],
         peers: Iterable[str] = (),
         *,
+        connect: Iterable[str] = (),
         interval: float = 0.005,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
@@ -266,15 +270,21 @@ class PeerLink:
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 1000)
         self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only a topic's first
+        self.endpoints: list[str] = []  # what each bind resolved to (a tcp port 0 becomes the bound port)
+        where = bind
         try:
             self.peers = [_split(p) for p in peers]
-            self._pub.bind(bind)
+            for where in [bind] if isinstance(bind, str) else bind:
+                self._pub.bind(where)
+                self.endpoints.append(self._pub.getsockopt_string(zmq.LAST_ENDPOINT))
+            if not self.endpoints:
+                raise ValueError("nowhere to publish")
         except (zmq.ZMQError, ValueError) as exc:
             self._pub.close(linger=0)
             if self._own_context:
                 self._ctx.destroy(linger=0)
-            raise ConfigError(f"epp peers: cannot publish on {bind!r}: {exc}") from None
-        self.endpoint: str = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            raise ConfigError(f"epp peers: cannot publish on {where!r}: {exc}") from None
+        self.endpoint: str = self.endpoints[0]
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -284,13 +294,16 @@ class PeerLink:
         self._welcome = False  # a peer subscribed since the last message
         self._waiters = CountWaiters()
         self._closed = False
+        for endpoint in connect:  # ZMQ connects in the background: a sibling not bound yet is retried
+            self.connect(endpoint)
 
     @property
     def port(self) -> int:
+        """The port of the first bound endpoint (a ``tcp://`` one)."""
         return int(self.endpoint.rsplit(":", 1)[1])
 
     def connect(self, endpoint: str) -> None:
-        """Subscribe to one more peer (``tcp://ip:port``)."""
+        """Subscribe to one more peer (a full ZMQ endpoint: ``tcp://ip:port``, ``ipc:///path``)."""
         if endpoint not in self._connected:
             self._sub.connect(endpoint)
             self._connected.add(endpoint)

@@ -39,6 +39,11 @@ Choices, each tested against Envoy 1.40 (the facts are in ``docs/envoy-wiring.md
   would see overflow 503s long before epp or the model servers are the limit.
 * **No SO_REUSEPORT** on the listener, so a port clash fails at start instead of
   splitting traffic with another Envoy.
+* **Connections to epp.**  Envoy multiplexes every ext_proc stream of a worker thread on one
+  HTTP/2 connection (``max_concurrent_streams`` 2^31-1 by default).  ``epp serve --workers N``
+  spreads load per *connection* (SO_REUSEPORT), so one connection keeps one worker busy and
+  the others idle: ``ext_proc_max_concurrent_streams`` (``--ext-proc-max-concurrent-streams``)
+  caps the streams per connection, and Envoy opens another connection beyond it.
 * **TLS to epp** uses ALPN ``h2`` and no validation context, i.e. any certificate is
   accepted, as Envoy AI Gateway does.
 
@@ -109,6 +114,7 @@ def render_bootstrap(
     route_timeout_s: float = 300,
     max_body_bytes: int = 16 * _MIB,
     mirror_lb: MirrorMode = "load-aware",
+    ext_proc_max_concurrent_streams: int | None = None,
 ) -> dict[str, Any]:
     """Build the bootstrap dict for one listener in front of ``pool_file``'s pool.
 
@@ -126,7 +132,7 @@ def render_bootstrap(
     clusters = [_pool_cluster(pool, pool_cluster, lb)]
     if pool_file.mirror is not None and shadow_cluster is not None:
         clusters.append(_shadow_cluster(pool_file.mirror, shadow_cluster, mirror_lb))
-    clusters.append(_epp_cluster(epp_address, epp_tls))
+    clusters.append(_epp_cluster(epp_address, epp_tls, ext_proc_max_concurrent_streams))
 
     hcm = {
         "@type": _type("extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"),
@@ -531,7 +537,10 @@ def unix_path(address: str) -> str | None:
     return path
 
 
-def _epp_cluster(epp_address: str, tls: bool) -> dict[str, Any]:
+def _epp_cluster(epp_address: str, tls: bool, max_concurrent_streams: int | None = None) -> dict[str, Any]:
+    if max_concurrent_streams is not None and max_concurrent_streams < 1:
+        raise ConfigError(f"ext_proc max_concurrent_streams {max_concurrent_streams}: needs at least 1")
+    http2: dict[str, Any] = {} if max_concurrent_streams is None else {"max_concurrent_streams": max_concurrent_streams}
     socket_path = unix_path(epp_address)
     host = "" if socket_path is not None else split_address(epp_address)[0]
     cluster: dict[str, Any] = {
@@ -542,7 +551,7 @@ def _epp_cluster(epp_address: str, tls: bool) -> dict[str, Any]:
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _type("extensions.upstreams.http.v3.HttpProtocolOptions"),
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {"http2_protocol_options": http2},
             }
         },
         "load_assignment": _load_assignment(EPP_CLUSTER, [epp_address])

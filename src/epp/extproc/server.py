@@ -38,7 +38,13 @@ LIVENESS = "liveness"  # SERVING while the process runs
 READINESS_NAMES = ("", "readiness", "inference-extension", EXTPROC_SERVICE)
 UNIX_PREFIX = "unix:"
 _SOCKET_MODE = 0o666  # Envoy's container runs under another uid; the shared directory limits access
-_GRPC_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)]
+_GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+
+def _reuse(reuse_port: bool) -> list[tuple[str, int]]:
+    """SO_REUSEPORT off by default (a port in use is an error); on for ``--workers``, whose
+    processes all bind the same ports and let the kernel spread the connections."""
+    return [("grpc.so_reuseport", 1 if reuse_port else 0)]
 
 
 def unix_socket_path(address: str) -> str:
@@ -103,10 +109,11 @@ class ExtProcServer:
         health_port: int,
         tls: tuple[bytes, bytes] | None = None,
         unix_address: str | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.servicer = servicer
         self.health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(options=_GRPC_OPTIONS)
+        self._server = grpc.aio.server(options=_GRPC_OPTIONS + _reuse(reuse_port))
         pb_grpc.add_ExternalProcessorServicer_to_server(servicer, self._server)
         reflection.enable_server_reflection((EXTPROC_SERVICE, reflection.SERVICE_NAME), self._server)
         self.unix_address = unix_address
@@ -117,7 +124,7 @@ class ExtProcServer:
             self.port = self._server.add_secure_port(target, grpc.ssl_server_credentials([(key, cert)]))
         else:
             self.port = self._server.add_insecure_port(target)
-        self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._health_server = grpc.aio.server(options=_reuse(reuse_port))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         self.health_port = self._health_server.add_insecure_port(f"{address}:{health_port}")
         self._stopped = False
@@ -128,7 +135,7 @@ class ExtProcServer:
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
             raise ConfigError(f"--grpc-address {unix_address!r}: directory {directory} does not exist")
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        server = grpc.aio.server(options=_GRPC_OPTIONS + _reuse(False))
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

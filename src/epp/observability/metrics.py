@@ -211,12 +211,14 @@ class PodLoad:
     queue: int | None = None  # None: no fresh scrape
     running: int | None = None
     kv_usage: float | None = None
+    peer_inflight: int = 0  # what the peers (other replicas, sibling workers) report in flight there
 
 
 @dataclass(frozen=True, slots=True)
 class PoolSnapshot:
     name: str
     pods: Sequence[PodLoad]
+    peers: bool = False  # peer sync is on: the peer gauge is exported
 
 
 class PoolCollector(Collector):
@@ -268,3 +270,13 @@ class PoolCollector(Collector):
         for p in snap.pods:
             inflight.add_metric([snap.name, p.pod], p.inflight)
         yield inflight
+        if snap.peers:
+            peer = GaugeMetricFamily(
+                "epp_peer_inflight_requests",
+                "In-flight requests per endpoint that the peers (other replicas, sibling workers) report; "
+                "the scheduler adds them to epp's own.",
+                labels=labels,
+            )
+            for p in snap.pods:
+                peer.add_metric([snap.name, p.pod], p.peer_inflight)
+            yield peer

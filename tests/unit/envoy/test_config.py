@@ -319,3 +319,18 @@ def test_clients_copies_of_epps_control_headers_are_removed_before_ext_proc():
     strip = hcm(boot)["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]
     assert {m["remove"] for m in strip} == {
         "x-gateway-destination-endpoint", "x-gateway-mirror-endpoint", "x-gateway-model-name-rewrite"}
+
+
+def test_ext_proc_max_concurrent_streams_caps_streams_per_connection_to_epp() -> None:
+    """``epp serve --workers`` spreads connections, not streams: a cap makes Envoy open more."""
+
+    def http2(**kw: Any) -> dict[str, Any]:
+        boot = render_bootstrap(pool_file(mirror=False), listen_port=1, epp_address="127.0.0.1:9002", **kw)
+        (epp,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == "epp"]
+        opts = epp["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+        return dict(opts["explicit_http_config"]["http2_protocol_options"])
+
+    assert http2() == {}  # default: Envoy's (2^31-1 streams, one connection per worker thread)
+    assert http2(ext_proc_max_concurrent_streams=8) == {"max_concurrent_streams": 8}
+    with pytest.raises(ConfigError, match="at least 1"):
+        http2(ext_proc_max_concurrent_streams=0)
