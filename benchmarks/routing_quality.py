@@ -840,8 +840,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["capacity_rps"] = round(capacity, 3)
         row["seed"] = task.seed
         out.row(row)
+    every = list(rows)  # per seed, then (with several seeds) the medians: what --out writes
     if len(seeds) > 1:
         rows = median_rows(rows)
+        every += rows
         for row in rows:
             out.row(row)
         say(f"medians over seeds {','.join(map(str, seeds))}:")
@@ -850,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks += [c for load in args.loads for c in event_checks(rows, load)]
     say("\ntargets (computed from the rows above):\n" + format_checks(checks))
     if args.out is not None:
-        write_results(args.out, args, workload, capacity, rows, checks, time.monotonic() - started, say)
+        write_results(args.out, args, workload, capacity, every, checks, time.monotonic() - started, say)
     say(f"wall time {time.monotonic() - started:.0f} s")
     return 0
 
