@@ -884,7 +884,7 @@ def write_results(
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
     jsonl_path.write_text("".join(json_line(row) + "\n" for row in rows))
     title = f"{PODS} h100-8b pods, capacity {capacity:.1f} req/s, {args.duration:.0f} s of arrivals per load"
-    drawn = plot(rows, png_path, title)
+    drawn = plot([r for r in rows if r.get("seed") == "median"] or rows, png_path, title)
     say(f"\nwrote {json_path}, {jsonl_path}" + (f" and {png_path}" if drawn else ""))
     if not drawn:
         say("matplotlib is not installed: no plot (pip install matplotlib)")
