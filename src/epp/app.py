@@ -13,6 +13,7 @@ replica watches and scrapes either way (a warm standby).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -260,15 +261,19 @@ class App:
             raise ConfigError(
                 f"cannot listen on {s.bind_address}:{s.grpc_port} (ext_proc) or :{s.grpc_health_port} (health): {exc}"
             ) from None
-        if s.kv_events_bind:  # bound after discovery, as the other ports
-            from epp.datalayer.kvcollect import KVEventCollector
+        try:
+            if s.kv_events_bind:  # bound after discovery, as the other ports
+                from epp.datalayer.kvcollect import KVEventCollector
 
-            self.kv_subscriber = KVEventCollector(self.kv_index, s.kv_events_bind)
-        if self.peer_sync is not None:
-            from epp.datalayer.peers import PeerLink
+                self.kv_subscriber = KVEventCollector(self.kv_index, s.kv_events_bind)
+            if self.peer_sync is not None:
+                from epp.datalayer.peers import PeerLink
 
-            binds = [b for b in (s.peer_bind, s.worker_peer_bind) if b]  # other pods' replicas; sibling workers
-            self.peer_link = PeerLink(self.peer_sync, binds, s.peers, connect=s.worker_peers)
+                binds = [b for b in (s.peer_bind, s.worker_peer_bind) if b]  # other pods' replicas; sibling workers
+                self.peer_link = PeerLink(self.peer_sync, binds, s.peers, connect=s.worker_peers)
+        except ConfigError:  # what was bound before is let go: the caller exits 2
+            self._close_sockets()
+            raise
         await self.server.start()
         http = web.Application()
         http.router.add_get("/metrics", self._metrics_handler)
@@ -279,6 +284,7 @@ class App:
             await site.start()
         except OSError as exc:
             await self.server.drain(0)
+            self._close_sockets()
             raise ConfigError(f"cannot listen on {s.bind_address}:{s.metrics_port} (metrics): {exc.strerror}") from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
@@ -331,16 +337,23 @@ class App:
         self._closed = True
         if self._server is not None:
             await self._server.drain(self.settings.drain_timeout if timeout is None else timeout)
+        if self.peer_link is not None:  # every claim is released now: peers hear it at once
+            with contextlib.suppress(Exception):
+                await self.peer_link.flush()
         self.scrapers.close()
         await self.supervisor.aclose()  # a held Lease is released here (the elector's run is cancelled)
-        if self.kv_subscriber is not None:
-            self.kv_subscriber.close()
-        if self.peer_link is not None:
-            self.peer_link.close()
+        self._close_sockets()
         if self._kube_api is not None:
             await self._kube_api.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+
+    def _close_sockets(self) -> None:
+        """The ZMQ sockets (KV events, peers); idempotent."""
+        if self.kv_subscriber is not None:
+            self.kv_subscriber.close()
+        if self.peer_link is not None:
+            self.peer_link.close()
 
     async def aclose(self) -> None:
         await self.drain(0)

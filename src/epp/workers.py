@@ -120,7 +120,19 @@ def worker_settings(settings: Settings, index: int, grpc_port: int, health_port:
     )
 
 
-def _worker_main(settings: Settings, index: int, ready: multiprocessing.connection.Connection) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this worker when the parent dies (a SIGKILLed parent must not leave workers
+    serving on its port: SO_REUSEPORT would let a new epp share it with them)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_main(settings: Settings, index: int, ready: multiprocessing.connection.Connection, parent: int) -> None:
     """A worker process: one App, its ready line sent to the parent, its exit code as the process's."""
     import uvloop
 
@@ -128,6 +140,7 @@ def _worker_main(settings: Settings, index: int, ready: multiprocessing.connecti
     from epp.observability.logging import setup_logging
 
     setup_logging(settings.log_level, settings.log_format)
+    _die_with_parent(parent)
 
     def report(app: App) -> None:
         ready.send({**app.ready_line(), "pid": os.getpid(), "worker": index})
@@ -173,7 +186,8 @@ class _Parent:
     def _start(self, index: int, grpc_port: int, health_port: int) -> multiprocessing.connection.Connection:
         receive, send = self.ctx.Pipe(duplex=False)
         settings = worker_settings(self.settings, index, grpc_port, health_port, self.ipc)
-        process = self.ctx.Process(target=_worker_main, args=(settings, index, send), name=f"epp-worker-{index}")
+        process = self.ctx.Process(target=_worker_main, args=(settings, index, send, os.getpid()),
+                                   name=f"epp-worker-{index}")  # fmt: skip
         process.start()
         send.close()  # the worker holds the only writer: its exit is EOF here
         self.procs.append(process)
@@ -240,6 +254,8 @@ class _Parent:
                 process = running.pop(sentinel)
                 process.join()
                 code = _exit_code(process)
+                if self.stopping and process.exitcode in (-signal.SIGTERM, -signal.SIGINT):
+                    code = 0  # stopped by the forwarded signal before its own handler was in place (starting)
                 if not self.stopping:
                     log.error("worker %s exited (code %d) unasked: stopping the others", process.name, code)
                     self._forward(signal.SIGTERM, None)

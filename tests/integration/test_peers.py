@@ -9,6 +9,7 @@ expects holds, bounded by a deadline.  The first message a link publishes may re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 from collections.abc import AsyncIterator, Callable
@@ -116,3 +117,31 @@ async def test_synced_replicas_make_the_same_picks() -> None:
         assert picks_a == picks_b
         assert set(picks_a) == {EPS[2].address, EPS[3].address}  # never the pods the replicas loaded
         assert set(both).isdisjoint(picks_a)
+
+
+async def test_flush_sends_the_whole_load_at_once() -> None:
+    """``PeerLink.flush`` (what a draining App calls) publishes the replica's whole load without
+    its publishing loop: here A's loop never runs, so only flush can tell B anything."""
+    a_store, b_store = store_with([m()] * 4), store_with([m()] * 4)
+    a = PeerLink(PeerSync(a_store.load, replica_id="a"), "tcp://127.0.0.1:0")
+    b = PeerLink(PeerSync(b_store.load, replica_id="b"), "tcp://127.0.0.1:0", interval=0.001)
+    b.connect(a.endpoint)
+    task = asyncio.create_task(b.run())
+    try:
+        ticket = a_store.load.acquire(EPS[0], 5)
+        async with asyncio.timeout(5):
+            while b.sync.load.requests != {EPS[0].address: 1}:  # the first flushes may precede B's subscription
+                await a.flush()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        await b.received(b.sync.stats.received + 1)
+            ticket.release()
+            while b.sync.load.requests:
+                await a.flush()
+                await b.received(b.sync.stats.received + 1)
+        assert a.sync.stats.sent >= 2 and b.sync.stats.expired == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        a.close()
+        b.close()

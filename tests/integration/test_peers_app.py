@@ -109,3 +109,19 @@ async def test_sibling_workers_exchange_load_over_ipc(write_pool, start_app, soc
     assert {b.router.route(request(n)).primary.address for n in range(5)} == {PODS[1]}
     claim.release()
     await until(b, lambda: not b.peer_sync.load.requests)
+
+
+async def test_a_draining_replica_tells_its_peers_its_load_is_gone(write_pool, start_app) -> None:
+    """A replica that releases its claims and drains: its peers see the load gone from its
+    messages (the periodic one or the last, full one the drain sends), not by its timeout."""
+    pool = write_pool(PODS)
+    common = {"scheduling_profile": "least-inflight", "refresh_metrics_interval": 0, "peer_bind": "tcp://127.0.0.1:0"}
+    a = await start_app(pool, **common)
+    b = await start_app(pool, peers=(f"127.0.0.1:{a.peer_link.port}",), **common)
+    claim = a.router.acquire(Pick((a.datastore.endpoints()[0],)), 10)
+    await until(b, lambda: bool(b.peer_sync.load.requests))
+    claim.release()  # released just before the drain: the last changes-only message may not have gone out
+    expired_before = b.peer_sync.stats.expired
+    await a.aclose()
+    await until(b, lambda: not b.peer_sync.load.requests)
+    assert b.peer_sync.stats.expired == expired_before  # emptied by a's last message, not by its timeout

@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from epp.datalayer.kvevents import CountWaiters, KVEventIndex
+from epp.datalayer.kvevents import MAX_MESSAGE, CountWaiters, KVEventIndex
 from epp.domain import Endpoint
 from epp.errors import ConfigError
 
@@ -96,6 +96,7 @@ class KVEventCollector:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)  # from the network: a larger message is dropped
         self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         try:
             sock.bind(bind)
@@ -108,7 +109,8 @@ class KVEventCollector:
             raise ConfigError(f"cannot bind the KV-event collector at {bind}: {exc}") from None
         self._sock = sock
         self.endpoint: str = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.port: int = int(self.endpoint.rpartition(":")[2])
+        head, _, port = self.endpoint.rpartition(":")
+        self.port: int = int(port) if head.startswith("tcp://") and port.isdigit() else 0  # 0: ipc:// and others
 
     # ---- topic → pod address -----------------------------------------------------------------
     def follow(self, endpoints: Iterable[Endpoint]) -> None:

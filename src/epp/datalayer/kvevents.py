@@ -80,6 +80,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 31_250  # blocks per pod when cache_config_info is unknown (the reference's default)
 _U64 = (1 << 64) - 1
+MAX_MESSAGE = 64 << 20  # bytes: a larger KV-event message is dropped by ZMQ (MAXMSGSIZE)
 _SEQ = struct.Struct(">Q")
 _YIELD_EVERY = 64
 
@@ -299,7 +300,7 @@ class KVEventIndex:
             return False
         now = self._now()
         spec = pod.spec
-        while spec:  # expired entries leave from the front (every entry has the same ttl)
+        while spec:  # expired entries leave from the front (entries of one TTL expire in order)
             k, expiry = next(iter(spec.items()))
             if expiry > now:
                 break
@@ -310,6 +311,9 @@ class KVEventIndex:
                 spec.move_to_end(k)
             spec[k] = expiry
         cap = self._capacity_of(address) or self._default_capacity
+        if len(spec) > cap:  # entries of other TTLs (a peer's) may hide expired ones: sweep them all first
+            for k in [k for k, e in spec.items() if e <= now]:
+                del spec[k]
         while len(spec) > cap:
             spec.popitem(last=False)
         self.stats.speculated += 1
@@ -399,8 +403,16 @@ class KVEventIndex:
             return
         pod.model = _topic_model(frames[0]) or self._default_model
         stats.skipped += batch.unknown
-        for ev in batch.events:
-            self._apply_event(address, pod, ev)
+        try:
+            for ev in batch.events:
+                self._apply_event(address, pod, ev)
+        except (struct.error, OverflowError, TypeError, ValueError) as exc:  # e.g. token ids out of uint32 range
+            log.debug("bad KV event from %s: %s", address, exc)
+            stats.decode_errors += 1
+            self.reset(address, "malformed")
+            pod.seq = seq
+            stats.apply_seconds += self._clock() - t0
+            return
         stats.events += len(batch.events)
         stats.apply_seconds += self._clock() - t0
 
@@ -595,6 +607,7 @@ class KVEventSubscriber:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, self._rcvhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())

@@ -59,7 +59,8 @@ class LoadLedger:
         self._unseen: dict[str, int] = {}
         self._unseen_tokens: dict[str, int] = {}
         self._epoch: dict[str, int] = {}  # scrapes seen per address: tells unseen from seen load
-        self.changed: set[str] = set()  # addresses whose counts moved since peers were last told
+        # addresses whose counts moved since peers were last told; None: no peers (nothing kept)
+        self.changed: set[str] | None = None
         self.requests: Mapping[str, int] = MappingProxyType(self._requests)
         self.tokens: Mapping[str, int] = MappingProxyType(self._tokens)
         self.unseen: Mapping[str, int] = MappingProxyType(self._unseen)
@@ -77,7 +78,7 @@ class LoadLedger:
     def scraped(self, address: str) -> None:
         """A new scrape shows everything sent before it: start counting unseen load anew."""
         self._epoch[address] = self._epoch.get(address, 0) + 1
-        if self._unseen.pop(address, None) is not None:
+        if self._unseen.pop(address, None) is not None and self.changed is not None:
             self.changed.add(address)
         self._unseen_tokens.pop(address, None)
 
@@ -85,7 +86,8 @@ class LoadLedger:
         """The endpoint left every pool: drop its history, unless claims on it are still in flight."""
         if address not in self._requests:
             self._epoch.pop(address, None)
-            self._unseen.pop(address, None)
+            if self._unseen.pop(address, None) is not None and self.changed is not None:
+                self.changed.add(address)
             self._unseen_tokens.pop(address, None)
 
     def note_mirror(self, address: str) -> None:
@@ -96,16 +98,19 @@ class LoadLedger:
         """
         self._unseen[address] = self._unseen.get(address, 0) + 1
         self._unseen_tokens.setdefault(address, 0)
-        self.changed.add(address)
+        if self.changed is not None:
+            self.changed.add(address)
 
     def _add(self, address: str, tokens: int) -> int:
-        self.changed.add(address)
+        if self.changed is not None:
+            self.changed.add(address)
         _bump(self._requests, self._tokens, address, 1, tokens)
         _bump(self._unseen, self._unseen_tokens, address, 1, tokens)
         return self._epoch.get(address, 0)
 
     def _sub(self, address: str, tokens: int, epoch: int) -> None:
-        self.changed.add(address)
+        if self.changed is not None:
+            self.changed.add(address)
         if epoch == self._epoch.get(address, 0) and address in self._unseen:  # finished before any scrape saw it
             _bump(self._unseen, self._unseen_tokens, address, -1, -tokens)
         _bump(self._requests, self._tokens, address, -1, -tokens)

@@ -63,6 +63,11 @@ _VERSION = 1
 _HEARTBEAT = 1.0  # seconds between messages when nothing changed
 _RESOLVE_EVERY = 10.0
 _MAX_TTL = 60.0  # a peer's speculative entries live at most this long, whatever it says
+_MAX_ADDRESSES = 65_536  # per message
+_MAX_SPEC = 4_096  # speculative entries per message (and queued while nothing sends)
+_MAX_KEYS = 4_096  # block keys per speculative entry
+_MAX_COUNT = 1 << 40  # a count beyond this is not a load, it is a broken peer
+_MAX_MESSAGE = 64 << 20  # bytes: a larger message is dropped by ZMQ (MAXMSGSIZE)
 
 
 class SpecIndex(Protocol):
@@ -130,6 +135,7 @@ class PeerStats:
     expired: int = 0  # peers dropped for silence
     spec_sent: int = 0
     spec_received: int = 0
+    spec_rejected: int = 0  # speculative entries skipped as malformed (the rest of their message counted)
 
 
 class PeerSync:
@@ -152,14 +158,17 @@ class PeerSync:
         self._timeout = peer_timeout
         self._now = now
         self._seq = 0
-        self._sent_version = -1
         self._spec: list[list[Any]] = []
         self._seen: dict[str, tuple[float, int]] = {}  # peer → (last heard, last seq)
+        if ledger.changed is None:
+            ledger.changed = set()  # the ledger keeps the changed addresses for us from now on
         if index is not None:
             index.on_speculate = self._speculated
 
     def _speculated(self, address: str, block_size: int, keys: Sequence[int], ttl: float) -> None:
-        self._spec.append([address, ttl, list(keys)])
+        if len(self._spec) >= _MAX_SPEC:  # nothing is sending (no link running): keep the newest only
+            del self._spec[: len(self._spec) - _MAX_SPEC + 1]
+        self._spec.append([address, ttl, list(keys[:_MAX_KEYS])])
 
     @property
     def dirty(self) -> bool:
@@ -180,7 +189,7 @@ class PeerSync:
         if full:
             addresses: Iterable[str] = {*ledger.requests, *ledger.unseen}
         else:
-            addresses = ledger.changed
+            addresses = ledger.changed or ()
         load = {a: self._entry(a) for a in addresses}
         ledger.changed = set()
         self._seq += 1
@@ -190,7 +199,11 @@ class PeerSync:
         return bytes(msgpack.packb([_VERSION, self.replica_id, self._seq, full, load, spec]))
 
     def apply(self, payload: bytes) -> bool:
-        """A peer's message; False (and nothing changed) when it is this replica's own or malformed."""
+        """A peer's message; False (and nothing changed) when it is this replica's own or malformed.
+
+        Peers are trusted as far as the network is (module docstring), but a message never
+        raises, never sets a negative or absurd count, and is bounded in addresses and keys.
+        """
         try:
             msg = msgpack.unpackb(payload, raw=False, strict_map_key=False)
             version, peer, seq, full, raw_load, spec = msg
@@ -201,22 +214,33 @@ class PeerSync:
             if peer == self.replica_id:
                 self.stats.own += 1
                 return False
-            load = {str(a): (int(v[0]), int(v[1]), int(v[2]), int(v[3])) for a, v in raw_load.items()}
-            entries = [(str(a), _ttl(ttl), [int(k) for k in keys]) for a, ttl, keys in spec]
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError, msgpack.ExtraData,
+            if len(raw_load) > _MAX_ADDRESSES or len(spec) > _MAX_SPEC:
+                raise ValueError("too many addresses or speculative entries")
+            load = {str(a): _counts(v) for a, v in raw_load.items()}
+            entries = []
+            for entry in spec:
+                try:
+                    address, ttl, keys = entry
+                    if len(keys) > _MAX_KEYS:
+                        raise ValueError("too many keys")
+                    entries.append((str(address), _ttl(ttl), [_key(k) for k in keys]))
+                except (ValueError, TypeError, OverflowError) as exc:  # this entry only: the load still counts
+                    self.stats.spec_rejected += 1
+                    log.debug("bad speculative entry from peer %s: %s", peer, exc)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, msgpack.ExtraData,
                 msgpack.FormatError, msgpack.StackError) as exc:  # fmt: skip
             self.stats.rejected += 1
             log.debug("bad peer message: %s", exc)
             return False
         self.stats.received += 1
         last = self._seen.get(peer)
-        newest = last is None or seq > last[1]
-        self._seen[peer] = (self._now(), seq if newest or last is None else last[1])
-        if newest:  # an older message (reordered) changes no load
-            if full or last is None:
-                self.load.set(peer, load)
-            else:  # changes only: a lost one is repaired by the next full message (at most a second away)
-                self.load.update(peer, load)
+        if last is not None and seq <= last[1]:  # an older message (reordered) changes nothing
+            return True
+        self._seen[peer] = (self._now(), seq)  # only a message taken counts as the peer being alive
+        if full or last is None:
+            self.load.set(peer, load)
+        else:  # changes only: a lost one is repaired by the next full message (at most a second away)
+            self.load.update(peer, load)
         if self._index is not None:
             for address, ttl, keys in entries:
                 if self._index.speculate(address, keys, ttl, share=False):
@@ -232,6 +256,20 @@ class PeerSync:
             self.load.drop(p)
             self.stats.expired += 1
         return gone
+
+
+def _counts(value: Any) -> tuple[int, int, int, int]:
+    """requests, tokens, unseen, unseen tokens: four ints in [0, _MAX_COUNT]."""
+    r, t, u, ut = (int(x) for x in value)
+    if not all(0 <= x <= _MAX_COUNT for x in (r, t, u, ut)):
+        raise ValueError(f"a load count out of range: {value!r}")
+    return r, t, u, ut
+
+
+def _key(value: Any) -> int:
+    if not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise ValueError(f"a block key is a 64-bit unsigned int, got {value!r}")
+    return value
 
 
 def _ttl(value: Any) -> float:
@@ -290,7 +328,9 @@ class PeerLink:
         self._sub.setsockopt(zmq.RECONNECT_IVL, 100)
         self._sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self._sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE)
         self._connected: set[str] = set()
+        self._resolved: set[str] = set()  # what the peer names resolved to last time
         self._welcome = False  # a peer subscribed since the last message
         self._waiters = CountWaiters()
         self._closed = False
@@ -299,8 +339,9 @@ class PeerLink:
 
     @property
     def port(self) -> int:
-        """The port of the first bound endpoint (a ``tcp://`` one)."""
-        return int(self.endpoint.rsplit(":", 1)[1])
+        """The port of the first bound endpoint; 0 when it is not a ``tcp://`` one."""
+        head, _, port = self.endpoint.rpartition(":")
+        return int(port) if head.startswith("tcp://") and port.isdigit() else 0
 
     def connect(self, endpoint: str) -> None:
         """Subscribe to one more peer (a full ZMQ endpoint: ``tcp://ip:port``, ``ipc:///path``)."""
@@ -309,16 +350,30 @@ class PeerLink:
             self._connected.add(endpoint)
 
     async def _resolve(self) -> None:
+        """Subscribe to every address the peer names resolve to now; drop the ones they no
+        longer resolve to (replicas gone in a rollout).  A name that fails to resolve keeps
+        what it had."""
         loop = asyncio.get_running_loop()
+        found: set[str] = set()
+        failed = False
         for host, port in self.peers:
             try:
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 log.warning("cannot resolve epp peer %s: %s", host, exc)
+                failed = True
                 continue
             for family, _, _, _, addr in infos:
                 ip = str(addr[0])
-                self.connect(f"tcp://[{ip}]:{port}" if family == socket.AF_INET6 else f"tcp://{ip}:{port}")
+                found.add(f"tcp://[{ip}]:{port}" if family == socket.AF_INET6 else f"tcp://{ip}:{port}")
+        for endpoint in found:
+            self.connect(endpoint)
+        if not failed:
+            for endpoint in self._resolved - found:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._sub.disconnect(endpoint)
+                self._connected.discard(endpoint)
+            self._resolved = found
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -331,6 +386,13 @@ class PeerLink:
         while True:
             if (await self._pub.recv())[:1] == b"\x01":
                 self._welcome = True
+
+    async def flush(self) -> None:
+        """Send this replica's whole load now (on drain: its last claims released, peers drop them
+        at once instead of after their timeout)."""
+        if not self._closed:
+            await self._pub.send_multipart([TOPIC, self.sync.encode(full=True)])
+
     async def _resolve_loop(self) -> None:
         while True:
             await self._resolve()

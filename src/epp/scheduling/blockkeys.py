@@ -35,9 +35,10 @@ a prompt that extends another shares its leading keys; keys are 64-bit unsigned 
 
 from __future__ import annotations
 
+import inspect
 import struct
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import xxhash
 
@@ -49,7 +50,9 @@ _BYTES_PER_TOKEN = 4
 
 
 class Tokenizer(Protocol):
-    """Text → the model's token ids (the ones its KV events carry)."""
+    """Text → the model's token ids (the ones its KV events carry).  A tokenizer whose
+    ``token_ids`` also takes a ``limit`` keyword is asked for at most that many (only a
+    prompt's first ``max_blocks`` blocks are keyed: the rest need not be tokenized)."""
 
     name: str
 
@@ -72,8 +75,10 @@ class Utf8QuadTokenizer:
     def chat_text(self, messages: Sequence[tuple[str, str]]) -> str:
         return "".join(f"<|{role}|>\n{text}\n" for role, text in messages) + "<|assistant|>\n"
 
-    def token_ids(self, text: str) -> Sequence[int]:
+    def token_ids(self, text: str, limit: int | None = None) -> Sequence[int]:
         data = text.encode("utf-8", "surrogatepass")
+        if limit is not None:
+            data = data[: limit * _BYTES_PER_TOKEN]
         data += b"\0" * (-len(data) % _BYTES_PER_TOKEN)
         return struct.unpack(f"<{len(data) // _BYTES_PER_TOKEN}I", data)
 
@@ -107,6 +112,7 @@ class BlockKeys:
         self.max_blocks = max_blocks
         self._roots: dict[str, int] = {}
         self._quad = isinstance(self.tokenizer, Utf8QuadTokenizer)
+        self._limited = "limit" in inspect.signature(self.tokenizer.token_ids).parameters
 
     def root(self, model: str) -> int:
         """The chain's start for ``model`` (the LoRA adapter's name, else the base model's)."""
@@ -138,7 +144,8 @@ class BlockKeys:
         if self._quad:
             data = text.encode("utf-8", "surrogatepass") if not text.isascii() else text.encode()
         else:
-            ids = self.tokenizer.token_ids(text)
+            tok: Any = self.tokenizer
+            ids = tok.token_ids(text, limit=self.max_blocks * block_size) if self._limited else tok.token_ids(text)
             n = len(ids) // block_size
             data = struct.pack(f"<{n * block_size}I", *ids[: n * block_size])
         n = min(len(data) // span, self.max_blocks)

@@ -147,7 +147,10 @@ def _precise(name: str, params: dict[str, Any]) -> PrecisePrefixCacheScorer:
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"parameter tokenizer must be one of {', '.join(sorted(TOKENIZERS))}, got {tokenizer!r}")
     keys = BlockKeys(TOKENIZERS[tokenizer](), max_blocks=int(_num(params, "maxPrefixBlocksToMatch", 256, minimum=1)))
-    return PrecisePrefixCacheScorer(keys=keys, speculative_ttl=_num(params, "speculativeTTL", 2.0), name=name)
+    ttl = _num(params, "speculativeTTL", 2.0)
+    if not ttl <= 60.0:  # also nan and inf: an entry must expire (and peers refuse longer ones)
+        raise ValueError(f"parameter speculativeTTL must be at most 60 seconds, got {params['speculativeTTL']!r}")
+    return PrecisePrefixCacheScorer(keys=keys, speculative_ttl=ttl, name=name)
 
 
 # type → (kind, constructor(name, parameters, rng))

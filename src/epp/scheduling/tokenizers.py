@@ -19,6 +19,7 @@ The simulator's KV events carry these ids, so with this tokenizer ``BlockKeys`` 
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -55,10 +56,11 @@ class LlmdSimTokenizer:
         """The text's tokens as strings, as the simulator's ``splitIntoTokens(text, -1)``."""
         return [m.group(0) for m in _PIECE.finditer(text)]
 
-    def token_ids(self, text: str) -> Sequence[int]:
+    def token_ids(self, text: str, limit: int | None = None) -> Sequence[int]:
+        """The text's token ids; at most ``limit`` (the rest of a long prompt is never scanned)."""
         ids = self._ids
         out = []
-        for m in _PIECE.finditer(text):
+        for m in itertools.islice(_PIECE.finditer(text), limit):
             piece = m.group(0)
             t = ids.get(piece)
             if t is None:

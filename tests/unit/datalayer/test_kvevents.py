@@ -306,3 +306,18 @@ def test_on_speculate_hears_only_shared_entries() -> None:
     assert heard == [(POD, BS, chain, 2.0)]
     assert idx.stats.speculated == 2  # own and peers' picks
     assert idx.leading_run(other, chain) == 3  # a peer's entry counts like an own one
+
+
+def test_token_ids_out_of_range_reset_the_pod_instead_of_raising() -> None:
+    """Token ids come from the network: one that does not fit 32 bits (or is negative) makes the
+    message malformed (the pod is reset, as for any bad payload); apply never raises."""
+    import struct as _struct
+
+    import msgpack as _msgpack
+
+    index = KVEventIndex(BlockKeys())
+    for bad in (-1, 1 << 32):
+        ev = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None,
+              "token_ids": [bad] + [2] * 15, "block_size": 16}  # fmt: skip
+        index.apply("10.0.0.1:8000", [b"kv@x@m", _struct.pack(">Q", 1), _msgpack.packb([1.0, [ev], 0])])
+    assert index.stats.decode_errors == 2 and index.num_blocks("10.0.0.1:8000") == 0

@@ -144,15 +144,15 @@ def _valid(seq: int, load: object, spec: list | None = None, full: object = True
         _valid(9, [["x", [1, 2, 3, 4]]]),
         _valid(9, {"x": [1, 2]}),
         _valid(9, {"x": ["one", 0, 0, 0]}),
-        _valid(9, {}, [["x", "soon", [1]]]),
-        _valid(9, {}, [["x", 2.0]]),
-        _valid(9, {}, [["x", 2.0, ["k"]]]),
+        _valid(9, {"x": [-1000, 0, 0, 0]}),
+        _valid(9, {"x": [1 << 41, 0, 0, 0]}),
+        _valid(9, {"x": [math.inf, 0, 0, 0]}),
+        _valid(9, {f"10.0.{i // 250}.{i % 250}:1": [1, 0, 0, 0] for i in range(65_537)}),
         _valid(9, {}) + b"\x00",
     ],
     ids=["not-msgpack", "a-string", "a-map", "five-fields", "version-2", "peer-not-a-string", "seq-not-an-int",
-         "full-not-a-bool",
-         "load-not-a-map", "load-entry-short", "load-count-not-a-number", "ttl-not-a-number", "spec-entry-short",
-         "key-not-an-int", "trailing-bytes"],
+         "full-not-a-bool", "load-not-a-map", "load-entry-short", "load-count-not-a-number", "negative-count",
+         "absurd-count", "infinite-count", "too-many-addresses", "trailing-bytes"],
 )  # fmt: skip
 def test_malformed_payloads_are_rejected_without_changing_anything(payload) -> None:
     ledger = LoadLedger()
@@ -299,12 +299,25 @@ def test_a_replica_avoids_the_pod_its_peer_loaded(profile) -> None:
     assert {synced.schedule(req(), EPS[:2])[0].address for _ in range(10)} == {EPS[1].address}
 
 
-@pytest.mark.parametrize("ttl", [math.inf, math.nan, -1.0, 0.0])
-def test_a_peers_speculation_with_a_bad_ttl_is_rejected(ttl: float) -> None:
-    """A speculative entry must expire: a ttl that is not a positive finite number rejects the message."""
-    payload = msgpack.packb([1, "peer", 1, True, {}, [[E1.address, ttl, [1, 2]]]])
-    b = PeerSync(LoadLedger())
-    assert b.apply(payload) is False and b.stats.rejected == 1 and b.stats.received == 0
+@pytest.mark.parametrize(
+    "entry",
+    [[E1.address, math.inf, [1, 2]], [E1.address, math.nan, [1, 2]], [E1.address, -1.0, [1, 2]],
+     [E1.address, 0.0, [1, 2]], [E1.address, "soon", [1]], [E1.address, 2.0], [E1.address, 2.0, ["k"]],
+     [E1.address, 2.0, [math.inf]], [E1.address, 2.0, [-1]], [E1.address, 2.0, list(range(4097))]],
+    ids=["inf-ttl", "nan-ttl", "negative-ttl", "zero-ttl", "ttl-not-a-number", "entry-short", "key-not-an-int",
+         "key-inf", "key-negative", "too-many-keys"],
+)  # fmt: skip
+def test_a_bad_speculative_entry_is_skipped_and_the_load_still_counts(entry: list) -> None:
+    """A speculative entry must expire and name 64-bit keys: a bad one is dropped alone (the
+    message's load still counts, and the good entries beside it still apply)."""
+    index = KVEventIndex(BlockKeys(), now=Clock())
+    index.apply(E1.address, frames(b"kv@x@m", 0, encode_batch(0.0, [BlockStored((1,), None, tuple(range(16)), 16)])))
+    b = PeerSync(LoadLedger(), index)
+    good = [E1.address, 2.0, [7, 8]]
+    payload = msgpack.packb([1, "peer", 1, True, {E2.address: [3, 0, 0, 0]}, [entry, good]])
+    assert b.apply(payload) is True and b.stats.rejected == 0
+    assert b.stats.spec_rejected == 1 and b.stats.spec_received == 1
+    assert b.load.requests == {E2.address: 3} and index.leading_run(E1.address, [7, 8]) == 2
 
 
 def test_between_full_messages_only_changed_addresses_travel() -> None:
@@ -333,3 +346,43 @@ def test_a_lost_change_is_repaired_by_the_next_full_message() -> None:
     assert dict(b.load.requests) == {E1.address: 1}  # stale until the next full message
     b.apply(a.encode(full=True))
     assert not b.load.requests
+
+
+def test_an_ignored_message_does_not_keep_a_peer_alive() -> None:
+    """A message with a sequence number far ahead (a spoofed or broken sender) is taken once;
+    the real sender's messages are then ignored, but they do not refresh the peer either, so it
+    expires and is learned afresh from its next message."""
+    clock = Clock()
+    ledger = LoadLedger()
+    a, b = pair(ledger, now=clock, peer_timeout=3.0)
+    ledger.acquire(E1)
+    b.apply(a.encode())
+    b.apply(msgpack.packb([1, a.replica_id, 1 << 62, True, {}, []]))
+    assert not b.load.requests
+    clock.t += 2.0
+    b.apply(a.encode(full=True))  # ignored: older than 2**62
+    assert not b.load.requests
+    clock.t += 1.1
+    assert b.expire() == [a.replica_id]
+    b.apply(a.encode(full=True))
+    assert b.load.requests == {E1.address: 1}
+
+
+def test_a_ledger_keeps_no_changed_set_without_peers() -> None:
+    ledger = LoadLedger()
+    ledger.acquire(E1).release()
+    assert ledger.changed is None
+    PeerSync(ledger)
+    ledger.acquire(E2)
+    assert ledger.changed == {E2.address}
+
+
+def test_forgetting_an_endpoint_with_unseen_load_is_a_change_for_peers() -> None:
+    ledger = LoadLedger()
+    a, b = pair(ledger)
+    ledger.note_mirror(E1.address)
+    b.apply(a.encode())
+    assert b.load.unseen == {E1.address: 1}
+    ledger.forget(E1.address)
+    b.apply(a.encode())
+    assert not b.load.unseen

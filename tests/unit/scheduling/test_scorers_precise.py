@@ -80,8 +80,12 @@ def test_epp_precise_is_epp_default_with_the_precise_scorer() -> None:
 @pytest.mark.parametrize(
     "params, error",
     [("{tokenizer: tiktoken}", "tokenizer must be one of llmd-sim, utf8-quad"),
-     ("{maxPrefixBlocksToMatch: 0}", "maxPrefixBlocksToMatch must be a number >= 1")],
-    ids=["tokenizer", "max-blocks"],
+     ("{maxPrefixBlocksToMatch: 0}", "maxPrefixBlocksToMatch must be a number >= 1"),
+     ("{speculativeTTL: -1}", "speculativeTTL must be a number >= 0"),
+     ("{speculativeTTL: .nan}", "speculativeTTL must be at most 60 seconds"),
+     ("{speculativeTTL: .inf}", "speculativeTTL must be at most 60 seconds"),
+     ("{speculativeTTL: 61}", "speculativeTTL must be at most 60 seconds")],
+    ids=["tokenizer", "max-blocks", "ttl-negative", "ttl-nan", "ttl-inf", "ttl-too-long"],
 )  # fmt: skip
 def test_bad_parameters_are_config_errors(params, error) -> None:
     config = parse_config(f"plugins:\n- {{type: precise-prefix-cache-scorer, parameters: {params}}}\n")

@@ -60,3 +60,15 @@ def test_utf8_quad_chat_text_is_epp_sims_chat_template() -> None:
     keys = BlockKeys()
     assert keys.request_text("system:You are terse.\n", pairs) == render_chat(messages)
     assert keys.request_text("plain prompt") == "plain prompt"  # not a chat: the prompt as parsed
+
+
+def test_llmd_sim_tokenizer_stops_at_the_limit() -> None:
+    """Only a prompt's first max_blocks blocks are keyed, so the rest is never tokenized."""
+    from epp.scheduling.blockkeys import BlockKeys
+    from epp.scheduling.tokenizers import LlmdSimTokenizer
+
+    tok = LlmdSimTokenizer()
+    text = "word " * 10_000
+    assert list(tok.token_ids(text, limit=32)) == list(tok.token_ids(text))[:32]
+    keys = BlockKeys(tok, max_blocks=4)
+    assert keys.prompt_keys(text, "m", 16) == BlockKeys(tok, max_blocks=1000).prompt_keys(text, "m", 16)[:4]
