@@ -32,11 +32,15 @@ class SupervisedTask:
 
     async def _loop(self) -> None:
         delay = self._supervisor.backoff
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             try:
                 await self._run()
                 return
             except Exception:
+                if loop.time() - started > self._supervisor.max_backoff:  # it had been healthy: start again
+                    delay = self._supervisor.backoff
                 self.failures += 1
                 log.exception(
                     "background task %s failed (%d failures); restarting in %.2fs", self.name, self.failures, delay

@@ -98,3 +98,28 @@ async def test_a_task_cancelled_without_waiting_is_still_awaited_at_close() -> N
     task.cancel()  # what ScrapeLoops does when an endpoint leaves
     await sup.aclose()
     assert cleaned.is_set() and task.done and sup.tasks == frozenset()
+
+
+async def test_the_backoff_starts_again_after_a_healthy_run(caplog: pytest.LogCaptureFixture) -> None:
+    """Quick failures back off 0.001, 0.002, 0.004 s; a run that stayed up longer than the
+    longest backoff before failing is restarted after the shortest again."""
+    runs = 0
+    done = asyncio.Event()
+
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 4:
+            await asyncio.sleep(0.02)  # this run is healthy for longer than max_backoff, then fails
+        if runs == 5:
+            done.set()
+            await asyncio.Event().wait()
+        raise RuntimeError(f"boom {runs}")
+
+    sup = Supervisor(backoff=0.001, max_backoff=0.008)
+    with caplog.at_level(logging.ERROR, logger="epp.supervisor"):
+        sup.spawn("flaky", flaky)
+        await asyncio.wait_for(done.wait(), 5)
+    delays = [r.args[2] for r in caplog.records if r.levelno == logging.ERROR]
+    assert delays == [0.001, 0.002, 0.004, 0.001]
+    await sup.aclose()
