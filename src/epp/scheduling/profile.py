@@ -140,7 +140,7 @@ def _guarded(
 def _precise(name: str, params: dict[str, Any]) -> PrecisePrefixCacheScorer:
     """``precise-prefix-cache-scorer``: ``tokenizer`` (``utf8-quad``), ``maxPrefixBlocksToMatch``
     (256), ``speculativeTTL`` (seconds a pick counts as cached before the pod reports it; 2,
-    0 = off), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
+    0 = off, at most 60), ``loraGate`` (true: an adapter's blocks count by the pod's LoRA state), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
     is bound by ``build_scheduler(kv_index=...)``.  (No hash seed: keys are epp's own, computed
     from token ids on both sides, so vLLM's ``PYTHONHASHSEED`` does not matter to them.)"""
     tokenizer = params.get("tokenizer", "utf8-quad")
@@ -150,7 +150,10 @@ def _precise(name: str, params: dict[str, Any]) -> PrecisePrefixCacheScorer:
     ttl = _num(params, "speculativeTTL", 2.0)
     if not ttl <= 60.0:  # also nan and inf: an entry must expire (and peers refuse longer ones)
         raise ValueError(f"parameter speculativeTTL must be at most 60 seconds, got {params['speculativeTTL']!r}")
-    return PrecisePrefixCacheScorer(keys=keys, speculative_ttl=ttl, name=name)
+    gate = params.get("loraGate", True)
+    if not isinstance(gate, bool):
+        raise ValueError(f"parameter loraGate must be true or false, got {gate!r}")
+    return PrecisePrefixCacheScorer(keys=keys, speculative_ttl=ttl, lora_gate=gate, name=name)
 
 
 # type → (kind, constructor(name, parameters, rng))

@@ -100,6 +100,12 @@ class PrecisePrefixCacheScorer:
     bypassed epp and other epp replicas' picks.  Wrapped in ``GuardedAffinityScorer`` (the
     ``affinityMaxExtraLoad`` parameter) it never piles work onto a saturated pod.
 
+    An adapter's cached blocks help only where the adapter can run: for a request whose adapter
+    some candidate reports (running or waiting), a pod's match is scaled by its LoRA state
+    (``lora_gate``: running 1, a free slot 0.8, waiting 0.6, none 0.25).  The approximate index
+    needs no such gate (it holds only epp's own picks, which follow LoRA affinity already); the
+    pods' reports also show blocks that other traffic left where the adapter is gone.
+
     After each pick (:meth:`pre_request`) the primary is credited with the prompt's blocks as
     *speculative* entries for ``speculative_ttl`` seconds (0: off), covering the time until the
     pod's own events report them.
@@ -108,6 +114,7 @@ class PrecisePrefixCacheScorer:
     keys: BlockKeys = field(default_factory=BlockKeys)
     index: BlockLookup | None = None
     speculative_ttl: float = 2.0
+    lora_gate: bool = True
     name: str = "precise-prefix-cache-scorer"
     type: str = "precise-prefix-cache-scorer"
 
@@ -131,7 +138,7 @@ class PrecisePrefixCacheScorer:
                 continue
             keys = self._keys(request, c, block_size)
             out.append(index.leading_run(e.address, keys) / len(keys) if keys else 0.0)
-        return out
+        return _lora_gate(request, c, out) if self.lora_gate else out
 
     def pre_request(self, request: InferenceRequest, c: Candidates, picked: int) -> None:
         """The request goes to ``c.endpoints[picked]``: enter its blocks there speculatively."""
@@ -144,6 +151,23 @@ class PrecisePrefixCacheScorer:
             keys = self._keys(request, c, block_size)
             if keys:
                 index.speculate(address, keys, self.speculative_ttl)
+
+
+def _lora_gate(request: InferenceRequest, c: Candidates, scores: list[float]) -> list[float]:
+    target = request.target_model
+    if not any(m is not None and (target in m.active_adapters or target in m.waiting_adapters) for m in c.metrics):
+        return scores  # the base model, or an adapter no candidate has: nothing to weigh
+    out = []
+    for s, m in zip(scores, c.metrics, strict=True):
+        if m is None or not s or target in m.active_adapters:
+            out.append(s)
+        elif m.max_lora and len(m.active_adapters) + len(m.waiting_adapters) < m.max_lora:
+            out.append(0.8 * s)
+        elif target in m.waiting_adapters:
+            out.append(0.6 * s)
+        else:
+            out.append(0.25 * s)
+    return out
 
 
 def bind_block_lookup(scorers: Iterable[Any], index: BlockLookup | None) -> int:

@@ -84,8 +84,9 @@ def test_epp_precise_is_epp_default_with_the_precise_scorer() -> None:
      ("{speculativeTTL: -1}", "speculativeTTL must be a number >= 0"),
      ("{speculativeTTL: .nan}", "speculativeTTL must be at most 60 seconds"),
      ("{speculativeTTL: .inf}", "speculativeTTL must be at most 60 seconds"),
-     ("{speculativeTTL: 61}", "speculativeTTL must be at most 60 seconds")],
-    ids=["tokenizer", "max-blocks", "ttl-negative", "ttl-nan", "ttl-inf", "ttl-too-long"],
+     ("{speculativeTTL: 61}", "speculativeTTL must be at most 60 seconds"),
+     ("{loraGate: maybe}", "loraGate must be true or false")],
+    ids=["tokenizer", "max-blocks", "ttl-negative", "ttl-nan", "ttl-inf", "ttl-too-long", "lora-gate"],
 )  # fmt: skip
 def test_bad_parameters_are_config_errors(params, error) -> None:
     config = parse_config(f"plugins:\n- {{type: precise-prefix-cache-scorer, parameters: {params}}}\n")
@@ -101,3 +102,19 @@ def test_parameters_reach_the_key_scheme() -> None:
     ((scorer, _),) = profile.scorers
     assert isinstance(scorer, PrecisePrefixCacheScorer) and scorer.keys.max_blocks == 3
     assert profile.prefix is not None and profile.prefix.block_tokens == 8  # the approximate fallback's settings
+
+
+def test_an_adapters_blocks_count_only_as_much_as_the_adapter_can_run_there() -> None:
+    """Blocks another router left on a pod are worth little for an adapter that is gone from it:
+    the match is scaled by the pod's LoRA state (running 1, free slot 0.8, waiting 0.6, none
+    0.25) once some candidate reports the adapter; the base model is not scaled."""
+    idx = KVEventIndex(BlockKeys())
+    for e in EPS[:4]:
+        publish(idx, e.address, 8, model="sql-lora")
+    scorer = PrecisePrefixCacheScorer(index=idx)
+    full = ("a", "b", "c", "d")
+    c = cands([m(active=("sql-lora",)), m(active=("a",)), m(pending=("sql-lora",), active=full[:3]), m(active=full)])
+    assert scorer.score(req("sql-lora", PROMPT), c) == [1.0, 0.8, 0.6, 0.25]
+    assert PrecisePrefixCacheScorer(index=idx, lora_gate=False).score(req("sql-lora", PROMPT), c) == [1.0] * 4
+    cold = cands([m(active=full)] * 4)  # no candidate has the adapter: nothing to weigh it by
+    assert scorer.score(req("sql-lora", PROMPT), cold) == [1.0] * 4
