@@ -140,7 +140,8 @@ def _guarded(
 def _precise(name: str, params: dict[str, Any]) -> PrecisePrefixCacheScorer:
     """``precise-prefix-cache-scorer``: ``tokenizer`` (``utf8-quad``), ``maxPrefixBlocksToMatch``
     (256), ``speculativeTTL`` (seconds a pick counts as cached before the pod reports it; 2,
-    0 = off, at most 60), ``loraGate`` (true: an adapter's blocks count by the pod's LoRA state), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
+    0 = off, at most 60), ``loraGate`` (true: an adapter's blocks count by the pod's LoRA
+    state), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
     is bound by ``build_scheduler(kv_index=...)``.  (No hash seed: keys are epp's own, computed
     from token ids on both sides, so vLLM's ``PYTHONHASHSEED`` does not matter to them.)"""
     tokenizer = params.get("tokenizer", "utf8-quad")
