@@ -671,6 +671,11 @@ def event_checks(rows: Sequence[dict[str, Any]], load: float) -> list[dict[str, 
                     checks.append({"load": load, "check": f"TTFT p90 {policy} {sc.replicas} replicas / 1 [{name}]",
                                    "ratio": value, "target": "<= 1.2" if target else "(none)",
                                    "pass": value <= 1.2 if target else None})  # fmt: skip
+                    if sc.bypass_share:
+                        value = many["ttft_p90_routed_s"] / one["ttft_p90_routed_s"]
+                        checks.append({"load": load, "ratio": value, "target": "<= 1.2" if target else "(none)",
+                                       "check": f"routed TTFT p90 {policy} {sc.replicas} replicas / 1 [{name}]",
+                                       "pass": value <= 1.2 if target else None})  # fmt: skip
     return checks
 
 
