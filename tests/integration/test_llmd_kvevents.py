@@ -58,12 +58,7 @@ def words(n: int, tag: str) -> str:
 
 @pytest.fixture(scope="session")
 def sim_binary() -> Path:
-    try:
-        return llmd_sim.ensure_binary()
-    except llmd_sim.GoMissing as exc:
-        pytest.skip(f"llm-d-inference-sim needs a Go toolchain to build: {exc}")
-    except llmd_sim.InstallFailed as exc:
-        pytest.fail(str(exc))
+    return llmd_sim.binary_or_skip()
 
 
 @pytest.fixture

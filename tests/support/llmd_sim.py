@@ -103,6 +103,18 @@ def ensure_binary() -> Path:
     return binary
 
 
+def binary_or_skip() -> Path:
+    """The binary for a test: skipped only where no Go toolchain exists, failed if the build fails."""
+    import pytest
+
+    try:
+        return ensure_binary()
+    except GoMissing as exc:
+        pytest.skip(f"llm-d-inference-sim needs a Go toolchain to build: {exc}")
+    except InstallFailed as exc:
+        pytest.fail(str(exc))
+
+
 def probe_free_port() -> int:
     """A port that was free a moment ago.
 

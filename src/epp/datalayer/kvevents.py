@@ -394,20 +394,12 @@ class KVEventIndex:
         pod.seq = seq
         try:
             batch = decode_batch(frames[2])
-        except ValueError as exc:
-            log.debug("bad KV event payload from %s: %s", address, exc)
-            stats.decode_errors += 1
-            self.reset(address, "malformed")
-            pod.seq = seq
-            stats.apply_seconds += self._clock() - t0
-            return
-        pod.model = _topic_model(frames[0]) or self._default_model
-        stats.skipped += batch.unknown
-        try:
+            pod.model = _topic_model(frames[0]) or self._default_model
+            stats.skipped += batch.unknown
             for ev in batch.events:
                 self._apply_event(address, pod, ev)
-        except (struct.error, OverflowError, TypeError, ValueError) as exc:  # e.g. token ids out of uint32 range
-            log.debug("bad KV event from %s: %s", address, exc)
+        except (ValueError, struct.error, OverflowError, TypeError) as exc:  # also token ids out of uint32 range
+            log.debug("bad KV event payload from %s: %s", address, exc)
             stats.decode_errors += 1
             self.reset(address, "malformed")
             pod.seq = seq
