@@ -153,21 +153,19 @@ class PrecisePrefixCacheScorer:
                 index.speculate(address, keys, self.speculative_ttl)
 
 
+_LORA = LoraAffinityScorer()
+_LORA_FLOOR = 0.25  # a pod where the adapter cannot run soon still keeps a quarter of its match
+
+
 def _lora_gate(request: InferenceRequest, c: Candidates, scores: list[float]) -> list[float]:
+    """Scale each match by the pod's LoRA-affinity score (``LoraAffinityScorer``: running 1, a
+    free slot 0.8, waiting 0.6, none 0), floored at ``_LORA_FLOOR``; pods without fresh metrics
+    keep their match."""
     target = request.target_model
     if not any(m is not None and (target in m.active_adapters or target in m.waiting_adapters) for m in c.metrics):
         return scores  # the base model, or an adapter no candidate has: nothing to weigh
-    out = []
-    for s, m in zip(scores, c.metrics, strict=True):
-        if m is None or not s or target in m.active_adapters:
-            out.append(s)
-        elif m.max_lora and len(m.active_adapters) + len(m.waiting_adapters) < m.max_lora:
-            out.append(0.8 * s)
-        elif target in m.waiting_adapters:
-            out.append(0.6 * s)
-        else:
-            out.append(0.25 * s)
-    return out
+    lora = _LORA.score(request, c)
+    return [s if m is None else s * max(w, _LORA_FLOOR) for s, w, m in zip(scores, lora, c.metrics, strict=True)]
 
 
 def bind_block_lookup(scorers: Iterable[Any], index: BlockLookup | None) -> int:
