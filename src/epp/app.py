@@ -87,7 +87,7 @@ class App:
             self.datastore,
             rng=rng,
             max_endpoints=1 + settings.max_fallback_endpoints,
-            observe=self.metrics.observe_plugin,
+            observe=self.metrics.plugin_timer,
             kv_index=self.kv_index,
             peers=self.peer_sync.load if self.peer_sync is not None else None,
         )

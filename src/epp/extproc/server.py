@@ -59,12 +59,15 @@ def unix_socket_path(address: str) -> str:
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """One ``ExtProcStream`` per call; its ``close`` runs whatever way the call ends."""
+    """One ``ExtProcStream`` per call; its ``close`` runs whatever way the call ends.
+
+    ``open_streams`` is what ``epp_extproc_streams`` reports (read when ``/metrics`` is scraped).
+    """
 
     def __init__(self, new_stream: Callable[[], ExtProcStream], metrics: EppMetrics) -> None:
         self._new_stream = new_stream
-        self._metrics = metrics
         self.open_streams = 0
+        metrics.streams.set_function(lambda: self.open_streams)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -72,7 +75,6 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         stream = self._new_stream()
         self.open_streams += 1
         self._idle.clear()
-        self._metrics.streams.inc()
         cancelled = True
         try:
             async for message in request_iterator:
@@ -87,7 +89,6 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INTERNAL, "epp internal error")
         finally:
             stream.close(cancelled=cancelled)
-            self._metrics.streams.dec()
             self.open_streams -= 1
             if self.open_streams == 0:
                 self._idle.set()

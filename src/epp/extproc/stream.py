@@ -132,6 +132,20 @@ def _header_map(http_headers: Any) -> dict[str, str]:
     return out
 
 
+_RESPONSE_KEYS = frozenset((":status", "content-type", "content-length"))
+
+
+def _response_header_map(http_headers: Any) -> dict[str, str]:
+    """The few response headers epp reads (its status, type and length), not all of them."""
+    out: dict[str, str] = {}
+    for h in http_headers.headers.headers:
+        key = h.key.lower()
+        if key in _RESPONSE_KEYS:
+            raw = h.raw_value
+            out[key] = raw.decode("utf-8", "replace") if raw else h.value
+    return out
+
+
 def _metadata_value(message: Any, namespace: str, key: str) -> str | list[str] | None:
     """One string (or list of strings) from the message's forwarded filter metadata, read in place
     (no conversion of the whole metadata to dicts)."""
@@ -375,7 +389,7 @@ class ExtProcStream:
     def on_response_headers(self, message: Any) -> list[Response]:
         ctx, resp = self.ctx, self.ctx.resp
         resp.state = ResponseState.STREAMING
-        headers = _header_map(message.response_headers)
+        headers = _response_header_map(message.response_headers)
         status = headers.get(":status", "0")
         resp.status = int(status) if status.isdigit() else 0
         if resp.status == 404 and ctx.request is not None and ctx.ticket is not None:

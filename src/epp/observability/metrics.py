@@ -14,9 +14,11 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from epp.observability.hot import HotHistogram
 
 _DURATION_BUCKETS = (
     0.005,
@@ -120,21 +122,21 @@ class EppMetrics:
             ),
             self.model_label,
         )
-        self.request_duration = Histogram(
+        self.request_duration = HotHistogram(
             "inference_model_request_duration_seconds",
             "Request latency seen by epp.",
             model,
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
-        self.input_tokens = Histogram(
+        self.input_tokens = HotHistogram(
             "inference_model_input_tokens",
             "Prompt tokens per request (from usage).",
             model,
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
-        self.output_tokens = Histogram(
+        self.output_tokens = HotHistogram(
             "inference_model_output_tokens",
             "Completion tokens per request (from usage).",
             model,
@@ -147,7 +149,7 @@ class EppMetrics:
             ["model_name"],
             registry=r,
         )
-        self.scheduler_e2e = Histogram(
+        self.scheduler_e2e = HotHistogram(
             "inference_extension_scheduler_e2e_duration_seconds",
             "Time to make one scheduling decision.",
             buckets=_SCHEDULER_BUCKETS,
@@ -169,22 +171,18 @@ class EppMetrics:
             ["task"],
             registry=r,
         )
-        self.plugin_duration = Histogram(
+        self.plugin_duration = HotHistogram(
             "inference_extension_plugin_duration_seconds",
             "Time spent in one scheduling plugin.",
             ["extension_point", "plugin_type", "plugin_name"],
             buckets=_SCHEDULER_BUCKETS,
             registry=r,
         )
-        self._plugin_series: dict[tuple[str, str, str], Any] = {}
         self._series: dict[tuple[str, str], ModelSeries] = {}
 
-    def observe_plugin(self, extension_point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
-        key = (extension_point, plugin_type, plugin_name)
-        child = self._plugin_series.get(key)
-        if child is None:
-            child = self._plugin_series[key] = self.plugin_duration.labels(*key)
-        child.observe(seconds)
+    def plugin_timer(self, extension_point: str, plugin_type: str, plugin_name: str) -> Callable[[float], None]:
+        """The duration observer of one scheduling plugin (resolved once, when a scheduler is built)."""
+        return self.plugin_duration.labels(extension_point, plugin_type, plugin_name).observe
 
     def series(self, model: str, target: str) -> ModelSeries:
         """Children for one model pair; cached because ``labels()`` costs a lock and a dict walk."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from epp.scheduling.base import Candidates
 
+_SORT_ALL = 64  # up to this many candidates, sorting them all beats heapq.nlargest's generator
+
 
 @dataclass
 class MaxScorePicker:
@@ -30,8 +32,13 @@ class MaxScorePicker:
             return [primary]
         # fallbacks: the next best, ties in a randomly rotated order (one draw, not one per endpoint)
         off = self.rng.randrange(n)
-        rest = (i for i in itertools.chain(range(off, n), range(off)) if i != primary)
-        return [primary, *heapq.nlargest(k - 1, rest, key=scores.__getitem__)]
+        if n > _SORT_ALL:
+            rest = (i for i in itertools.chain(range(off, n), range(off)) if i != primary)
+            return [primary, *heapq.nlargest(k - 1, rest, key=scores.__getitem__)]
+        order = [*range(off, n), *range(off)]  # a stable sort keeps the rotation among ties, as nlargest does
+        order.remove(primary)
+        order.sort(key=scores.__getitem__, reverse=True)
+        return [primary, *order[: k - 1]]
 
 
 @dataclass

@@ -24,7 +24,13 @@ from epp.scheduling.prefix import PrefixIndex, block_hashes
 from epp.scheduling.profile import EndpointPickerConfig, SchedulerProfile, build_profile, builtin_config
 from epp.scheduling.scorers import bind_block_lookup, clamp
 
-PluginObserver = Callable[[str, str, str, float], None]  # extension point, type, name, seconds
+# extension point, plugin type, plugin name -> that plugin's duration observer (seconds); asked once per
+# plugin when the scheduler is built, so a decision pays one call per plugin, not a label lookup
+PluginObserver = Callable[[str, str, str], Callable[[float], None]]
+
+
+def _unobserved(seconds: float) -> None:
+    return None
 
 
 class LoadView(Protocol):
@@ -77,7 +83,10 @@ class Scheduler:
         self._view = view
         # the picker's maxNumOfEndpoints, when the profile sets it, wins over the flag
         self.max_endpoints = profile.max_endpoints or max_endpoints
-        self._observe = observe
+        timer = observe or (lambda point, type_, name: _unobserved)
+        self._filters = [(f, timer("Filter", f.type, f.name)) for f in profile.filters]
+        self._scorers = [(s, w, timer("Scorer", s.type, s.name)) for s, w in profile.scorers]
+        self._picker_timer = timer("Picker", profile.picker.type, profile.picker.name)
         self.prefix_index = PrefixIndex(default_capacity=profile.prefix.capacity) if profile.prefix else None
         # PreRequest: plugins told of each primary pick (the precise prefix scorer's speculative entries)
         self._pre_request: list[PreRequest] = [
@@ -189,32 +198,37 @@ class Scheduler:
     def schedule(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         if not endpoints:
             raise NoEndpoints("no candidate endpoints")
-        profile, observe = self.profile, self._observe
         hashes = self.prefix_hashes(request, endpoints)
         if self._max_candidates is not None and len(endpoints) > self._max_candidates:
             endpoints = self.sample(request, endpoints, hashes)
         c = self.snapshot(request, endpoints, hashes)
-        for f in profile.filters:
-            t0 = time.perf_counter()
+        clock = time.perf_counter
+        for f, timer in self._filters:
+            t0 = clock()
             keep = f.filter(request, c)
-            if observe is not None:
-                observe("Filter", f.type, f.name, time.perf_counter() - t0)
+            timer(clock() - t0)
             if not keep:
                 raise NoEndpoints(f"filter {f.name} left no endpoint")
             if len(keep) != len(c):
                 c = c.subset(keep)
-        total = [0.0] * len(c)
-        for scorer, weight in profile.scorers:
-            t0 = time.perf_counter()
-            scores = clamp(scorer.score(request, c))
-            if observe is not None:
-                observe("Scorer", scorer.type, scorer.name, time.perf_counter() - t0)
-            if weight:
-                total = [t + weight * s for t, s in zip(total, scores, strict=True)]
-        t0 = time.perf_counter()
-        picked = profile.picker.pick(c, total, self.max_endpoints)
-        if observe is not None:
-            observe("Picker", profile.picker.type, profile.picker.name, time.perf_counter() - t0)
+        total: list[float] | None = None
+        for scorer, weight, timer in self._scorers:
+            t0 = clock()
+            scores = scorer.score(request, c)
+            timer(clock() - t0)
+            if not weight:
+                continue
+            if len(scores) != len(c):
+                raise ValueError(f"scorer {scorer.name} gave {len(scores)} scores for {len(c)} candidates")
+            if min(scores) < 0.0 or max(scores) > 1.0:
+                scores = clamp(scores)
+            if total is None:
+                total = list(scores) if weight == 1 else [weight * s for s in scores]
+            else:
+                total = [t + weight * s for t, s in zip(total, scores, strict=False)]  # lengths checked above
+        t0 = clock()
+        picked = self.profile.picker.pick(c, total or [0.0] * len(c), self.max_endpoints)
+        self._picker_timer(clock() - t0)
         if not picked:
             raise NoEndpoints("the picker chose no endpoint")
         primary = c.endpoints[picked[0]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -76,12 +77,21 @@ def test_fallbacks_follow_the_ranking():
 
 
 def test_plugin_timings_are_observed():
-    seen = []
+    seen: list[tuple[str, str, str, float]] = []
+
+    def timer(point: str, type_: str, name: str) -> Callable[[float], None]:
+        return lambda seconds: seen.append((point, type_, name, seconds))
+
     store = store_with([m(), m()])
-    sched = build_scheduler("epp-default", store, observe=lambda *a: seen.append(a[:3]))
+    sched = build_scheduler("epp-default", store, observe=timer)
+    assert seen == []  # timers are resolved when the scheduler is built, observed per decision
     sched.schedule(req(prompt="z" * 200), EPS[:2])
-    assert ("Scorer", "prefix-cache-scorer", "prefix-cache-scorer") in seen
-    assert ("Picker", "max-score-picker", "max-score-picker") in seen
+    plugins = [s[:3] for s in seen]
+    assert ("Scorer", "prefix-cache-scorer", "prefix-cache-scorer") in plugins
+    assert ("Picker", "max-score-picker", "max-score-picker") in plugins
+    assert len(seen) == 5 and all(0 <= s[3] < 1 for s in seen)  # 4 scorers (the sampler is no plugin here) + picker
+    sched.schedule(req(prompt="z" * 200), EPS[:2])
+    assert len(seen) == 10
 
 
 def test_large_pools_are_sampled_but_affinity_endpoints_always_compete():
