@@ -1,6 +1,8 @@
 """Shared fixtures: uvloop, the `epp` logger restored after every test, pool files, an
 in-process epp App on free ports, an ext_proc client.  Plain helpers live in support/."""
 
+# ruff: noqa: E402  (grpcenv.apply() must run before grpc is imported)
+
 from __future__ import annotations
 
 import logging
@@ -10,6 +12,11 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from epp import grpcenv
+
+# in-process servers run on the transport `epp serve` runs on (set before grpc loads)
+assert grpcenv.apply(), "grpc was imported before tests/conftest.py: epp's gRPC settings would not apply"
 
 import grpc
 import pytest

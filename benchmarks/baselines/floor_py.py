@@ -19,6 +19,11 @@ The Go floor (``floor_go/main.go``) behaves the same; ``build.py --selftest`` ch
     python benchmarks/baselines/floor_py.py --address 127.0.0.1:0 --endpoints 127.0.0.1:8001,127.0.0.1:8002
 
 Once listening it prints one line on stdout, ``{"event": "ready", "port": N}``.
+
+It runs on epp's transport settings: the same server options and, unless the environment
+names its own, the same ``GRPC_EXPERIMENTS`` default (``-event_engine_listener``, set before
+grpc loads, as ``epp.grpcenv`` does for epp; copied here because the floors import nothing of
+epp).  ``GRPC_EXPERIMENTS= python floor_py.py ...`` runs it on grpc's stock transport.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener")  # epp's default (epp.grpcenv), before grpc loads
 
 import grpc
 import uvloop

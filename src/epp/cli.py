@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
+from epp import grpcenv
 from epp.config import Settings, load_pool_file, parse_bool, parse_duration
 from epp.domain import FailureMode
 from epp.errors import ConfigError
@@ -387,6 +388,7 @@ def _mirror_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    grpcenv.apply()  # before anything below imports grpc
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":

@@ -24,6 +24,7 @@ LAYERS: dict[str, set[str]] = {
     "epp.wire": set(),
     "epp.observability": set(),
     "epp.supervisor": set(),
+    "epp.grpcenv": set(),  # gRPC core settings, applied before grpc loads
     # the pure core
     "epp.config": {"epp.domain", "epp.errors", "epp.wire"},
     "epp.openai": {"epp.domain", "epp.errors"},
@@ -55,6 +56,7 @@ LAYERS: dict[str, set[str]] = {
         "epp.config",
         "epp.demo",
         "epp.envoy",
+        "epp.grpcenv",
         "epp.mirror_report",
         "epp.observability",
         "epp.workers",
@@ -63,6 +65,7 @@ LAYERS: dict[str, set[str]] = {
     "epp": set(),
 }
 THIRD_PARTY_FORBIDDEN = {
+    "epp.grpcenv": ("grpc",),  # it must run before grpc loads
     "epp.scheduling": ("grpc", "aiohttp", "kubernetes_asyncio", "envoy", "zmq"),
     "epp.routing": ("grpc", "aiohttp", "kubernetes_asyncio", "envoy"),
     "epp.openai": ("grpc", "aiohttp", "kubernetes_asyncio", "envoy"),
