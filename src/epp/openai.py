@@ -234,11 +234,15 @@ def _usage_from(doc: Any) -> Usage | None:
 class UsageParser:
     """Feed response chunks; read ``usage`` once the body is complete.
 
-    SSE mode splits the byte stream into events on blank lines, so an event split
-    across chunks is parsed once whole.  JSON mode buffers up to ``max_bytes`` and
-    parses at the end; past that it keeps only the body's last 64 KiB (servers write
-    ``usage`` last) and reads the ``usage`` object out of that tail, so memory stays
-    bounded whatever the response's size.
+    Servers write ``usage`` last (OpenAI's ``include_usage`` chunk before ``[DONE]``; with
+    vLLM's continuous usage every chunk carries the running total, so the last is the
+    total), so nothing is parsed while the body streams: a chunk costs one append.
+    ``finish`` reads the usage out of the end of the body.  In SSE mode that is the last
+    ``data:`` line holding a ``"usage": {...}`` object that parses, found by searching
+    backwards (an event split across chunks is whole by then; any chunking gives the same
+    answer).  In JSON mode the whole body is parsed when it stayed under ``max_bytes``.
+    Past ``max_bytes`` either mode keeps only the body's last 64 KiB and reads the usage
+    out of that tail, so memory stays bounded whatever the response's size.
     """
 
     def __init__(self, *, sse: bool, max_bytes: int = 256 * 1024) -> None:
@@ -248,59 +252,50 @@ class UsageParser:
         self._max = max_bytes
         self._tail = min(_TAIL_BYTES, max_bytes)
         self._overflow = False
-        self.events = 0
 
     def feed(self, chunk: bytes) -> None:
-        if not chunk or (self._overflow and self.sse):
+        if not chunk:
             return
-        self._buf += chunk
-        if self.sse:
-            self._drain_events()
-        elif len(self._buf) > self._max:
+        buf = self._buf
+        buf += chunk
+        if len(buf) > self._max:
             self._overflow = True  # from now on only the tail is kept
-            del self._buf[: len(self._buf) - self._tail]
+            del buf[: len(buf) - self._tail]
 
     def finish(self) -> Usage | None:
-        if self.sse:
-            if self._buf.strip():
-                self._buf += b"\n\n"
-                self._drain_events()
-        elif self._buf and not self._overflow:
-            with contextlib.suppress(orjson.JSONDecodeError):
-                self.usage = _usage_from(orjson.loads(self._buf)) or self.usage
-        elif self._buf:
-            self.usage = _usage_in_tail(bytes(self._buf)) or self.usage
+        buf = bytes(self._buf)
         self._buf.clear()
+        if not buf:
+            return self.usage
+        if self.sse:
+            if self._overflow:  # the kept tail may start inside a line: drop that partial line
+                buf = buf[buf.find(b"\n") + 1 :] if b"\n" in buf else b""
+            self.usage = _last_sse_usage(buf) or self.usage
+        elif not self._overflow:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                self.usage = _usage_from(orjson.loads(buf)) or self.usage
+        else:
+            self.usage = _usage_in_tail(buf) or self.usage
         return self.usage
 
-    def _drain_events(self) -> None:
-        buf = self._buf
-        start = 0
-        while True:
-            end, sep = _find_event_end(buf, start)
-            if end < 0:
-                break
-            self._event(bytes(buf[start:end]))
-            start = end + sep
-        if start:
-            del buf[:start]
-        if len(buf) > self._max:  # one unterminated event larger than the cap: give up on it
-            buf.clear()
 
-    def _event(self, event: bytes) -> None:
-        self.events += 1
-        for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if not _may_carry_usage(data):  # most events are tokens: skip them without parsing
-                continue
-            try:
-                usage = _usage_from(orjson.loads(data))
-            except orjson.JSONDecodeError:
-                continue
-            if usage is not None:
-                self.usage = usage
+def _last_sse_usage(body: bytes) -> Usage | None:
+    """The usage of the last ``data:`` line (SSE) whose JSON parses and holds a usage object."""
+    at = len(body)
+    while (at := body.rfind(b'"usage"', 0, at)) >= 0:
+        line_start = max(body.rfind(b"\n", 0, at), body.rfind(b"\r", 0, at)) + 1
+        if body.startswith(b"data:", line_start):
+            ends = [i for i in (body.find(b"\n", at), body.find(b"\r", at)) if i >= 0]
+            data = body[line_start + 5 : min(ends) if ends else len(body)].strip()
+            if _may_carry_usage(data):
+                try:
+                    usage = _usage_from(orjson.loads(data))
+                except orjson.JSONDecodeError:
+                    usage = None
+                if usage is not None:
+                    return usage
+        at = line_start  # the rest of this line is done with: look at earlier lines
+    return None
 
 
 _TAIL_BYTES = 64 * 1024
@@ -337,16 +332,6 @@ def _may_carry_usage(data: bytes) -> bool:
             return True
         at = data.find(b'"usage"', at + 7)
     return False
-
-
-def _find_event_end(buf: bytearray, start: int) -> tuple[int, int]:
-    """Index of the blank line ending the next SSE event and the separator's length."""
-    best, size = -1, 0
-    for sep in (b"\n\n", b"\r\n\r\n"):
-        i = buf.find(sep, start)
-        if i >= 0 and (best < 0 or i < best):
-            best, size = i, len(sep)
-    return best, size
 
 
 class ModelNameRestorer:

@@ -333,7 +333,6 @@ def test_sse_usage_is_the_same_for_any_chunking(case: tuple[bytes, list[bytes]])
     whole = feed_all(whole_parser, [body])
     split_parser = UsageParser(sse=True)
     assert as_tuple(feed_all(split_parser, chunks)) == as_tuple(whole)
-    assert split_parser.events == whole_parser.events
     # and the last data line that carries usage is the one read (an oracle that splits by hand)
     expected = None
     for line in body.replace(b"\r\n", b"\n").split(b"\n"):

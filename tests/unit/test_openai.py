@@ -97,7 +97,33 @@ def test_usage_from_sse_split_anywhere(step):
         p.feed(stream[i : i + step])
     u = p.finish()
     assert u is not None and (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (3, 4, 1)
-    assert p.events == 3
+
+
+def _token(i: int, usage: bytes = b"null") -> bytes:
+    return b'data: {"choices":[{"delta":{"content":"t%d"}}],"usage":%s}\n\n' % (i, usage)
+
+
+def test_sse_usage_is_the_last_usage_object_whatever_comes_before():
+    final = b'{"prompt_tokens":7,"completion_tokens":50}'
+    vllm_include_usage = b"".join(_token(i) for i in range(50)) + _token(50, final) + b"data: [DONE]\n\n"
+    continuous = b"".join(_token(i, b'{"prompt_tokens":7,"completion_tokens":%d}' % (i + 1)) for i in range(50))
+    broken_last = _token(0, final) + b'data: {"usage":{"prompt_tokens":9,\n\n' + b"data: [DONE]\n\n"
+    for body in (vllm_include_usage, continuous, broken_last):
+        p = UsageParser(sse=True)
+        for i in range(0, len(body), 37):
+            p.feed(body[i : i + 37])
+        u = p.finish()
+        assert u is not None and (u.prompt_tokens, u.completion_tokens) == (7, 50)
+
+
+def test_sse_usage_after_more_than_the_cap_is_read_from_a_bounded_tail():
+    p = UsageParser(sse=True, max_bytes=4096)
+    for i in range(2000):  # ~140 KB of token events
+        p.feed(_token(i))
+        assert len(p._buf) <= 4096
+    p.feed(_token(2000, b'{"prompt_tokens":1,"completion_tokens":2001}') + b"data: [DONE]\n\n")
+    u = p.finish()
+    assert u is not None and u.completion_tokens == 2001
 
 
 def test_usage_absent_and_garbage_are_none():
