@@ -54,6 +54,7 @@ import messages  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
+from protoset import write_protoset  # noqa: E402
 
 from epp.app import App  # noqa: E402
 from epp.config import Settings  # noqa: E402
@@ -160,27 +161,6 @@ class FloorPy:
         self.log.close()
 
 
-def _protoset(work: Path) -> Path:
-    """The ext_proc descriptors for ghz (the floor serves no reflection)."""
-    from google.protobuf import descriptor_pb2
-
-    files: dict[str, Any] = {}
-
-    def add(fd: Any) -> None:
-        if fd.name in files:
-            return
-        for dep in fd.dependencies:
-            add(dep)
-        proto = descriptor_pb2.FileDescriptorProto()
-        fd.CopyToProto(proto)
-        files[fd.name] = proto
-
-    add(pb.DESCRIPTOR)
-    out = work / "extproc.protoset"
-    out.write_bytes(descriptor_pb2.FileDescriptorSet(file=list(files.values())).SerializeToString())
-    return out
-
-
 def _dso_shares(report: str) -> dict[str, float]:
     """``perf report --sort dso`` percentages, grouped by DSO_GROUPS (the rest as "other")."""
     shares: dict[str, float] = {}
@@ -228,7 +208,7 @@ def _run(ghz: Path, proc: Any, data: Path, concurrency: int, seconds: float, out
     # the floor: as run_ghz, with a protoset (no reflection) and no /metrics to read
     before = cpu_seconds(proc.proc.pid)
     subprocess.run(
-        [str(ghz), "--insecure", "--protoset", str(_protoset(work)), "--call",
+        [str(ghz), "--insecure", "--protoset", str(write_protoset(work / "extproc.protoset")), "--call",
          "envoy.service.ext_proc.v3.ExternalProcessor/Process", "--count-errors", "--duration-stop=wait", "-D",
          str(data), "-c", str(concurrency), "-z", f"{seconds}s", "-O", "json", "-o", str(out), proc.address],
         stdout=subprocess.DEVNULL, check=True)  # fmt: skip

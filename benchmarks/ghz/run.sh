@@ -106,25 +106,7 @@ build_ghz() {
 
 floor_protoset() {  # the ext_proc service's descriptors with their imports, for servers without reflection
     local out=$work/extproc.protoset
-    "$PY" - "$out" <<'EOF'
-import sys
-from google.protobuf import descriptor_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-
-files, order = {}, []
-def add(fd):
-    if fd.name in files:
-        return
-    for dep in fd.dependencies:
-        add(dep)
-    proto = descriptor_pb2.FileDescriptorProto()
-    fd.CopyToProto(proto)
-    files[fd.name] = proto
-    order.append(fd.name)
-add(pb.DESCRIPTOR)
-fds = descriptor_pb2.FileDescriptorSet(file=[files[n] for n in order])
-open(sys.argv[1], "wb").write(fds.SerializeToString())
-EOF
+    "$PY" "$ROOT/benchmarks/ghz/protoset.py" "$out"
     echo "$out"
 }
 
