@@ -15,9 +15,11 @@ transport hands it over) and each reply serialised.  Rows per sequence, µs per 
 - `epp, scheduler stubbed`: the same with `Scheduler.schedule` returning the first
   candidate, and `epp, router stubbed` with `Router.route` returning a fixed pick.
 
-The differences are the split: scheduler = epp - (scheduler stubbed); routing glue (model
-policy, candidates, mirror) = (scheduler stubbed) - (router stubbed); the stream's own work
-(headers, body parsing, replies, accounting, metrics) = (router stubbed) - floor-py.
+The differences are the split, each the median of its per-round differences (the variants
+of a round run back to back): scheduler = epp - (scheduler stubbed); routing glue (model
+policy, candidates, admission, the decision's timing, the mirror pick) = (scheduler stubbed)
+- (router stubbed); the stream's own work (headers, body parsing, replies, accounting,
+metrics) = (router stubbed) - floor-py.
 
 **Under ghz, with perf** (`--perf`): `epp serve` and `floor_py.py` as processes under ghz
 (lean-json, 64 streams, one connection, as `ghz/run.sh`), each sampled by `perf record -g`
@@ -110,6 +112,10 @@ def _stub(app: App, variant: str) -> Callable[[], None]:
     return lambda: None
 
 
+SPLIT = (("scheduler_us", "epp", "epp, scheduler stubbed"), ("routing_us", "epp, scheduler stubbed",
+         "epp, router stubbed"), ("stream_us", "epp, router stubbed", "floor-py"))  # fmt: skip
+
+
 async def in_process(sequences: list[str], rounds: int, n: int, work: Path) -> dict[tuple[str, str], float]:
     app = _epp_app(work)
     assert app.discovery is not None
@@ -131,6 +137,9 @@ async def in_process(sequences: list[str], rounds: int, n: int, work: Path) -> d
                     samples[variant].append(us)
         for variant, values in samples.items():
             medians[(sequence, variant)] = statistics.median(values)
+        for key, minuend, subtrahend in SPLIT:
+            pairs = zip(samples[minuend], samples[subtrahend], strict=True)
+            medians[(sequence, key)] = statistics.median(a - b for a, b in pairs)
     if app.datastore.load.total_inflight():
         raise RuntimeError("requests left in flight after the in-process runs")
     return medians
@@ -243,7 +252,7 @@ def main() -> int:
         out.say("|---|---|---|---|---|---|---|---|---|")
         for s in sequences:
             floor, epp, no_sched, no_route = (medians[(s, v)] for v in VARIANTS)
-            split = {"scheduler_us": epp - no_sched, "routing_us": no_sched - no_route, "stream_us": no_route - floor}
+            split = {key: medians[(s, key)] for key, _, _ in SPLIT}
             out.row({"bench": "hotpath_in_process", "sequence": s, "floor_py_us": floor, "epp_us": epp,
                      "epp_no_scheduler_us": no_sched, "epp_no_router_us": no_route, **split})  # fmt: skip
             out.say(f"| {s} | {floor:.1f} | {epp:.1f} | {no_sched:.1f} | {no_route:.1f} | {split['scheduler_us']:.1f} "

@@ -239,10 +239,11 @@ class UsageParser:
     total), so nothing is parsed while the body streams: a chunk costs one append.
     ``finish`` reads the usage out of the end of the body.  In SSE mode that is the last
     ``data:`` line holding a ``"usage": {...}`` object that parses, found by searching
-    backwards (an event split across chunks is whole by then; any chunking gives the same
-    answer).  In JSON mode the whole body is parsed when it stayed under ``max_bytes``.
-    Past ``max_bytes`` either mode keeps only the body's last 64 KiB and reads the usage
-    out of that tail, so memory stays bounded whatever the response's size.
+    backwards (an event split across chunks is whole by then, so under ``max_bytes`` any
+    chunking gives the same answer).  In JSON mode the whole body is parsed when it stayed
+    under ``max_bytes``.  Past ``max_bytes`` either mode keeps only the body's last 64 KiB
+    and reads the usage out of that tail, so memory stays bounded whatever the response's
+    size.
     """
 
     def __init__(self, *, sse: bool, max_bytes: int = 256 * 1024) -> None:
@@ -268,9 +269,12 @@ class UsageParser:
         if not buf:
             return self.usage
         if self.sse:
-            if self._overflow:  # the kept tail may start inside a line: drop that partial line
-                buf = buf[buf.find(b"\n") + 1 :] if b"\n" in buf else b""
-            self.usage = _last_sse_usage(buf) or self.usage
+            usage = _last_sse_usage(_after_first_line(buf) if self._overflow else buf)
+            if usage is None and self._overflow:
+                # the kept tail starts inside a line, which may be the one with the usage (a
+                # Responses API "response.completed" event carries the whole output text)
+                usage = _usage_in_tail(buf)
+            self.usage = usage or self.usage
         elif not self._overflow:
             with contextlib.suppress(orjson.JSONDecodeError):
                 self.usage = _usage_from(orjson.loads(buf)) or self.usage
@@ -279,21 +283,33 @@ class UsageParser:
         return self.usage
 
 
+def _after_first_line(tail: bytes) -> bytes:
+    """A kept tail without its first line, which the cut may have started inside."""
+    ends = [i for i in (tail.find(b"\n"), tail.find(b"\r")) if i >= 0]
+    return tail[min(ends) + 1 :] if ends else b""
+
+
 def _last_sse_usage(body: bytes) -> Usage | None:
-    """The usage of the last ``data:`` line (SSE) whose JSON parses and holds a usage object."""
+    """The usage of the last ``data:`` line (SSE) whose JSON parses and holds a usage object.
+
+    Linear in the body: a ``"usage"`` not followed by ``:`` and ``{`` costs one comparison, and
+    each line is looked at once (line ends are searched for within the line only)."""
     at = len(body)
     while (at := body.rfind(b'"usage"', 0, at)) >= 0:
-        line_start = max(body.rfind(b"\n", 0, at), body.rfind(b"\r", 0, at)) + 1
+        if not _usage_object_at(body, at):
+            continue
+        newline = body.rfind(b"\n", 0, at)
+        line_start = max(newline, body.rfind(b"\r", newline + 1, at)) + 1
         if body.startswith(b"data:", line_start):
-            ends = [i for i in (body.find(b"\n", at), body.find(b"\r", at)) if i >= 0]
-            data = body[line_start + 5 : min(ends) if ends else len(body)].strip()
-            if _may_carry_usage(data):
-                try:
-                    usage = _usage_from(orjson.loads(data))
-                except orjson.JSONDecodeError:
-                    usage = None
-                if usage is not None:
-                    return usage
+            stop = body.find(b"\n", at)
+            stop = len(body) if stop < 0 else stop
+            cr = body.find(b"\r", at, stop)
+            try:
+                usage = _usage_from(orjson.loads(body[line_start + 5 : stop if cr < 0 else cr]))
+            except orjson.JSONDecodeError:
+                usage = None
+            if usage is not None:
+                return usage
         at = line_start  # the rest of this line is done with: look at earlier lines
     return None
 
@@ -322,16 +338,11 @@ def _usage_in_tail(tail: bytes) -> Usage | None:
     return None
 
 
-def _may_carry_usage(data: bytes) -> bool:
-    """False when an event's JSON cannot hold a usage object: no ``"usage"`` key, or ``"usage": null``
-    (vLLM sends that on every token when ``include_usage`` is on)."""
-    at = data.find(b'"usage"')
-    while at >= 0:
-        rest = data[at + 7 : at + 32].lstrip()
-        if rest[:1] == b":" and rest[1:].lstrip()[:1] == b"{":
-            return True
-        at = data.find(b'"usage"', at + 7)
-    return False
+def _usage_object_at(body: bytes, at: int) -> bool:
+    """Whether the ``"usage"`` at ``at`` is a key whose value is an object (not ``null``: vLLM
+    sends ``"usage": null`` on every token when ``include_usage`` is on)."""
+    rest = body[at + 7 : at + 32].lstrip()
+    return rest[:1] == b":" and rest[1:].lstrip()[:1] == b"{"
 
 
 class ModelNameRestorer:

@@ -126,6 +126,34 @@ def test_sse_usage_after_more_than_the_cap_is_read_from_a_bounded_tail():
     assert u is not None and u.completion_tokens == 2001
 
 
+@pytest.mark.parametrize("step", [1000, 4096, 65536])
+def test_sse_usage_in_a_line_longer_than_the_kept_tail(step):
+    # a Responses API stream: "response.completed" repeats the whole output text before its usage
+    text = "word " * 20_000
+    deltas = b"".join(
+        b'data: {"type":"response.output_text.delta","delta":"word "}\n\n' for _ in range(4000)
+    )
+    usage = {"input_tokens": 5, "output_tokens": 20_000}
+    response = {"output": [{"content": [{"text": text}]}], "usage": usage}
+    done = orjson.dumps({"type": "response.completed", "response": response})
+    body = deltas + b"data: " + done + b"\n\n"
+    p = UsageParser(sse=True)
+    for i in range(0, len(body), step):
+        p.feed(body[i : i + step])
+    u = p.finish()
+    assert u is not None and (u.prompt_tokens, u.completion_tokens) == (5, 20_000)
+
+
+def test_sse_usage_with_carriage_returns_only_past_the_cap():
+    body = b"".join(_token(i).replace(b"\n", b"\r") for i in range(6000))  # ~360 KB: past the cap
+    body += _token(6000, b'{"prompt_tokens":2,"completion_tokens":6001}').replace(b"\n", b"\r")
+    p = UsageParser(sse=True)
+    for i in range(0, len(body), 500):
+        p.feed(body[i : i + 500])
+    u = p.finish()
+    assert u is not None and u.completion_tokens == 6001
+
+
 def test_usage_absent_and_garbage_are_none():
     p = UsageParser(sse=True)
     p.feed(b"data: {nope}\n\ndata: [DONE]\n\n")

@@ -4,8 +4,11 @@
 buckets in Python: 0.7 to 2 µs per call here, and epp observes seven per request (five
 plugins, the decision, the request's duration), some 10 % of what epp's own Python costs
 a routed request.  Every observation in epp happens on the event loop's thread, so these
-need no lock; the exposition runs on that thread too (the ``/metrics`` handler), and a
-reader on another thread would at worst see a count that is one observation behind its sum.
+need no lock.  The exposition runs on a worker thread (``/metrics`` hands
+``generate_latest`` to ``asyncio.to_thread``): under the GIL it copies each series' counts
+in one step, so a scrape sees every bucket consistent and at worst a sum one observation
+ahead of them, as ``prometheus_client``'s per-value locks also allow.  (Free-threaded
+Python would need a lock here.)
 
 The exposition is the one ``prometheus_client`` writes for a ``Histogram``: cumulative
 ``_bucket`` samples with ``le`` labels (``+Inf`` last), ``_count`` and ``_sum``; there is
@@ -54,8 +57,10 @@ class HotHistogram(Collector):
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        bounds = tuple(float(b) for b in buckets if b != inf)
-        if list(bounds) != sorted(set(bounds)) or not bounds:
+        bounds = tuple(float(b) for b in buckets)
+        if bounds and bounds[-1] == inf:
+            bounds = bounds[:-1]  # +Inf is always the last bucket
+        if not bounds or list(bounds) != sorted(set(bounds)) or inf in bounds:
             raise ValueError(f"histogram {name}: buckets must be increasing and not empty")
         self.name = name
         self._doc = documentation
@@ -66,12 +71,13 @@ class HotHistogram(Collector):
         self._unlabelled = HotChild(bounds) if not labelnames else None
         registry.register(self)
 
-    def labels(self, *values: str) -> HotChild:
+    def labels(self, *values: object) -> HotChild:
         if len(values) != len(self._labelnames):
             raise ValueError(f"histogram {self.name} takes labels {self._labelnames}, got {values}")
-        child = self._children.get(values)
+        key = tuple(str(v) for v in values)  # as prometheus_client does
+        child = self._children.get(key)
         if child is None:
-            child = self._children[values] = HotChild(self._bounds)
+            child = self._children[key] = HotChild(self._bounds)
         return child
 
     def observe(self, value: float) -> None:

@@ -38,9 +38,14 @@ def test_exposition_matches_prometheus_client_histograms():
 
 
 def test_children_are_kept_per_label_values():
-    hist = HotHistogram("h", "doc", ["x"], buckets=(1,), registry=CollectorRegistry())
+    registry = CollectorRegistry()
+    hist = HotHistogram("h", "doc", ["x"], buckets=(1, math.inf), registry=registry)
     assert hist.labels("a") is hist.labels("a")
     assert hist.labels("a") is not hist.labels("b")
+    hist.labels(7).observe(0.5)  # label values are strings in the exposition, as prometheus_client makes them
+    assert hist.labels("7") is hist.labels(7)
+    assert registry.get_sample_value("h_bucket", {"x": "7", "le": "1.0"}) == 1
+    assert registry.get_sample_value("h_bucket", {"x": "7", "le": "+Inf"}) == 1
 
 
 def test_misuse_is_refused():
@@ -50,7 +55,7 @@ def test_misuse_is_refused():
         labelled.labels("a", "b")
     with pytest.raises(ValueError, match="labelled"):
         labelled.observe(1.0)
-    for buckets in ((), (2, 1), (1, 1)):
+    for buckets in ((), (2, 1), (1, 1), (1, math.inf, 2)):
         with pytest.raises(ValueError, match="increasing"):
             HotHistogram("bad", "doc", buckets=buckets, registry=CollectorRegistry())
     with pytest.raises(ValueError):  # the registry refuses a second metric of the same name

@@ -3,6 +3,7 @@ fallbacks, plugin timings and candidate sampling."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -107,3 +108,33 @@ def test_large_pools_are_sampled_but_affinity_endpoints_always_compete():
     assert all(sched.schedule(req(prompt=prompt + f"q{i}"), many)[0] == first for i in range(20))
     assert sched.sample(req("sql-lora"), many, [])[0].name == "p77"
     assert len(sched.sample(req(), many, [])) == 8
+
+
+def test_out_of_range_scores_are_clamped_wherever_a_nan_sits():
+    from epp.scheduling.profile import SchedulerProfile
+    from epp.scheduling.scheduler import Scheduler
+
+    class Fixed:
+        name = type = "fixed"
+
+        def __init__(self, scores: list[float]) -> None:
+            self.scores = scores
+
+        def score(self, request: object, c: object) -> list[float]:
+            return list(self.scores)
+
+    class Recording:
+        name = type = "recording"
+
+        def pick(self, c: object, scores: list[float], k: int) -> list[int]:
+            self.seen = list(scores)
+            return [0]
+
+    store = store_with([m(), m(), m()])
+    nan = float("nan")
+    for raw, clamped in (([nan, -0.2, 1.7], [None, 0.0, 1.0]), ([0.5, nan, -3.0], [0.5, None, 0.0])):
+        picker = Recording()
+        profile = SchedulerProfile(name="t", scorers=[(Fixed(raw), 2.0)], picker=picker)
+        Scheduler(profile, store).schedule(req(), EPS[:3])
+        for got, want in zip(picker.seen, clamped, strict=True):
+            assert math.isnan(got) if want is None else got == 2.0 * want  # NaN stays NaN, as clamp leaves it
