@@ -220,7 +220,7 @@ class Scheduler:
                 continue
             if len(scores) != len(c):
                 raise ValueError(f"scorer {scorer.name} gave {len(scores)} scores for {len(c)} candidates")
-            if not (0.0 <= min(scores) and max(scores) <= 1.0):  # written so that a NaN first clamps too
+            if not (min(scores) >= 0.0 and max(scores) <= 1.0):  # so that a NaN in first place clamps too
                 scores = clamp(scores)
             if total is None:
                 total = list(scores) if weight == 1 else [weight * s for s in scores]
