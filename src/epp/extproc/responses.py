@@ -119,6 +119,18 @@ def response_body_response(
     return reply
 
 
+def streamed_replies(phase: str, body: bytes, end_of_stream: bool) -> list[ProcessingResponse]:
+    """:func:`streamed_body` as a list; a chunk that fits one reply (every response chunk Envoy
+    sends) skips the generator."""
+    if len(body) > MAX_CHUNK_BYTES:
+        return list(streamed_body(phase, body, end_of_stream))
+    reply = pb.ProcessingResponse()
+    streamed = getattr(reply, phase).response.body_mutation.streamed_response
+    streamed.body = body
+    streamed.end_of_stream = end_of_stream
+    return [reply]
+
+
 def streamed_body(phase: str, body: bytes, end_of_stream: bool) -> Iterator[ProcessingResponse]:
     """Full-duplex body replies: ``body`` in chunks of at most 62,000 bytes, EoS on the last.
 

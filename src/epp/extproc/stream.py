@@ -107,6 +107,9 @@ class ResponseSide:
     usage: UsageParser | None = None
     restorer: ModelNameRestorer | None = None
     served: str = ""  # the endpoint Envoy reports it used (envoy.lb metadata), if it reports one
+    # Envoy has chosen the host before the response's first message, and forwards the same
+    # metadata on every message: it is read from that first one only (not from every chunk)
+    served_read: bool = False
 
 
 @dataclass(slots=True)
@@ -215,7 +218,8 @@ class ExtProcStream:
                 return self.on_request_trailers()
             if kind is None:
                 raise BadRequest("a ProcessingRequest with no request or response part")
-            if not self.ctx.resp.served:
+            if not self.ctx.resp.served_read:
+                self.ctx.resp.served_read = True
                 self._note_served(message)
             if kind == Phase.RESPONSE_HEADERS:
                 return self.on_response_headers(message)
@@ -370,7 +374,7 @@ class ExtProcStream:
 
     def _pass_request_chunk(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
         if self.ctx.req.mode is BodySendMode.FULL_DUPLEX_STREAMED:
-            return list(responses.streamed_body(Phase.REQUEST_BODY, chunk, end_of_stream))
+            return responses.streamed_replies(Phase.REQUEST_BODY, chunk, end_of_stream)
         return [responses.request_body_response()]
 
     # ---- response path -------------------------------------------------------------------
@@ -425,7 +429,7 @@ class ExtProcStream:
         if end_of_stream:
             self._finish_response()
         if resp.mode is BodySendMode.FULL_DUPLEX_STREAMED:
-            return list(responses.streamed_body(Phase.RESPONSE_BODY, out, end_of_stream))
+            return responses.streamed_replies(Phase.RESPONSE_BODY, out, end_of_stream)
         if out is chunk:
             return [responses.response_body_response()]
         extra = {"content-length": str(len(out))} if resp.mode is BodySendMode.BUFFERED else None

@@ -112,3 +112,28 @@ def test_a_stream_closed_after_the_response_headers_is_an_error_only_where_a_bod
     errors = [x for metric in s._metrics.registry.collect() if metric.name == "inference_model_request_error"
               for x in metric.samples if x.name.endswith("_total") and x.labels.get("error_code") == "Cancelled"]
     assert sum(x.value for x in errors) == (1 if cut else 0)
+
+
+def _served_metadata(message: Any, address: str) -> Any:
+    message.metadata_context.filter_metadata["envoy.lb"].fields[
+        "x-gateway-destination-endpoint-served"
+    ].string_value = address
+    return message
+
+
+@pytest.mark.parametrize("first", ["response_headers", "response_body"])
+def test_the_claim_follows_the_endpoint_envoy_reports_on_the_first_response_message(first):
+    # Envoy has picked the host before the response starts and forwards the same metadata on every
+    # message; epp reads it once, from whichever response message comes first (headers may be skipped)
+    s, store = stream()
+    s.handle(headers(FULL_DUPLEX, FULL_DUPLEX))
+    s.handle(m.request_body(BODY, end_of_stream=True))
+    picked = s.ctx.ticket.address
+    other = next(e.address for e in EPS if e.address != picked)
+    head = m.response_headers(200) if first == "response_headers" else m.response_body(SSE)
+    s.handle(_served_metadata(head, other))
+    assert s.ctx.ticket.address == other and store.load.inflight(other) == 1 and store.load.inflight(picked) == 0
+    s.handle(_served_metadata(m.response_body(SSE), picked))  # later messages do not move it again
+    assert s.ctx.ticket.address == other
+    s.handle(m.response_body(b"", end_of_stream=True))
+    assert store.load.total_inflight() == 0
