@@ -28,7 +28,8 @@ _RBAC_NAMES = {d["kind"]: d["metadata"]["name"] for d in yaml.safe_load_all(EPP_
 EPP_ACCOUNT, EPP_BINDING = _RBAC_NAMES["ServiceAccount"], _RBAC_NAMES["RoleBinding"]
 
 # Short enough that a test sees reconnects, re-checks and backoff resolve in well under a second.
-FAST = WatchTiming(watch_timeout=30.0, request_timeout=5.0, backoff=0.05, max_backoff=0.5, recheck_interval=0.2)
+FAST = WatchTiming(watch_timeout=30.0, request_timeout=5.0, backoff=0.05, max_backoff=0.5, recheck_interval=0.2,
+                   absent_grace=0.5)
 WAIT_S = 10.0  # deadline for any single expected change
 
 

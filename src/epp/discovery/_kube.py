@@ -11,7 +11,9 @@ server closes it) and resumes from the last ``resourceVersion`` seen; ``410 Gone
 version was compacted away) re-lists; connection errors and 5xx back off exponentially.
 An *optional* collection (a CRD that may not be installed, or that RBAC does not grant)
 answering 404/403 is logged once, mirrored as empty, and re-checked every
-``recheck_interval`` seconds, so installing the CRD later turns the feature on.
+``recheck_interval`` seconds, so installing the CRD later turns the feature on.  One that
+was listed keeps its last view through ``absent_grace`` seconds of such answers (a
+restarting API server refuses briefly, until its RBAC and CRD caches have synced).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -104,9 +107,13 @@ class WatchTiming:
     max_backoff: float = 5.0
     recheck_interval: float = 30.0  # how often an absent optional collection is looked for again
     page_size: int = 500
+    # how long an optional collection that was listed may answer 403/404 before it is taken as
+    # gone: an API server that has just restarted answers 403 until its RBAC caches have synced
+    # (and 404 until its CRD informers have); meanwhile the last view is kept and re-listed
+    absent_grace: float = 10.0
 
     def __post_init__(self) -> None:
-        if min(self.watch_timeout, self.request_timeout, self.backoff, self.recheck_interval) <= 0:
+        if min(self.watch_timeout, self.request_timeout, self.backoff, self.recheck_interval, self.absent_grace) <= 0:
             raise ValueError("WatchTiming values must be positive")
         if self.max_backoff < self.backoff or self.page_size < 1:
             raise ValueError("WatchTiming: max_backoff < backoff or page_size < 1")
@@ -128,6 +135,7 @@ class Reflector:
         on_change: Callable[[], None],
         timing: WatchTiming,
         optional: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.what = what
         self.items: dict[str, Obj] = {}
@@ -141,6 +149,8 @@ class Reflector:
         self._optional = optional
         self._delay = timing.backoff
         self._last_warning = ""
+        self._refused_since: float | None = None  # when a listed optional collection began answering 403/404
+        self._clock = clock
 
     # ---- listing -------------------------------------------------------------------------
     async def list(self) -> None:
@@ -163,6 +173,7 @@ class Reflector:
         self.resource_version = meta.get("resourceVersion")
         self.available = True
         self.synced = True
+        self._refused_since = None
         self.lists += 1
         self._last_warning = ""
         self._on_change()
@@ -180,9 +191,22 @@ class Reflector:
         return False
 
     def _absent(self, exc: ApiException) -> bool:
-        """Handle 404/403 of an optional collection: mirror it as empty, log once."""
+        """Handle 404/403 of an optional collection: mirror it as empty, log once.
+
+        A collection that was listed keeps its last view for ``absent_grace`` seconds of such
+        answers (re-listed with backoff meanwhile): a restarting API server gives them briefly.
+        """
         if not (self._optional and exc.status in (403, 404)):
             return False
+        if self.available:
+            now = self._clock()
+            if self._refused_since is None:
+                self._refused_since = now
+            if now - self._refused_since < self._timing.absent_grace:
+                self._warn(f"answered HTTP {exc.status}; keeping the last view for up to "
+                           f"{self._timing.absent_grace:g}s while re-listing")
+                self.resource_version = None  # the next attempt is a list
+                return True
         if self.available is not False:
             why = "not installed" if exc.status == 404 else "forbidden by RBAC"
             log.info("%s: %s (HTTP %s); feature off, re-checking every %.3gs",
