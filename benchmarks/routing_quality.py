@@ -279,9 +279,14 @@ class EppRouter:
                 ),
             )
 
-    def route(self, tr: TraceRequest, pods: Sequence[PodSnapshot], now: float) -> int:
+    def observe(self, pods: Sequence[PodSnapshot], now: float) -> None:
+        """Take the scrapes that landed since the last call (this replica's scraper, which runs
+        whether or not this replica routes anything)."""
         self.now = now
         self._sync(pods)
+
+    def route(self, tr: TraceRequest, pods: Sequence[PodSnapshot], now: float) -> int:
+        self.observe(pods, now)
         model = tr.adapter or BASE_MODEL
         request = InferenceRequest(
             request_id=tr.request_id,
@@ -312,7 +317,12 @@ class Front:
     and no bypass it is exactly that replica (the base workload's policies are unchanged).
 
     KV events reach every replica's index (each subscribes to every pod, as active-active
-    replicas do); scrapes reach every replica (each reads the fleet's snapshots on its next pick).
+    replicas do). Scrapes reach every replica at every arrival and every finish, whichever replica
+    (if any) routes it: a real replica's scraper runs on its own, so a new scrape clears its
+    unseen load and its peers hear of that `peer_lag` later, not when it next routes. (Taking
+    scrapes only on a replica's own picks left a peer's unseen load stale for one of its
+    inter-pick gaps, ~60 ms at 0.7 on the adversarial workloads, beyond the scrape that already
+    showed it: the other replica counted those requests twice and steered around them.)
     """
 
     def __init__(self, replicas: Sequence[EppRouter], run: Run, bypass_share: float, seed: int,
@@ -327,10 +337,13 @@ class Front:
         self._owner: dict[str, EppRouter | None] = {}
         self.bypassed: set[str] = set()  # request ids no replica routed
         self.addresses = [e.address for e in self.replicas[0].endpoints]
+        self._pods: Sequence[PodSnapshot] = ()
 
     def route(self, tr: TraceRequest, pods: Sequence[PodSnapshot], now: float) -> int:
         if len(self.replicas) == 1 and not self.bypass_share:
             return self.replicas[0].route(tr, pods, now)
+        self._pods = pods  # the fleet's live snapshot list (updated in place at each scrape)
+        self._observe(now)
         if self.bypass_share and self._rng.random() < self.bypass_share:
             self._owner[tr.request_id] = None
             self.bypassed.add(tr.request_id)
@@ -347,12 +360,22 @@ class Front:
             self.replicas[0].finished(result)
             return
         owner = self._owner.pop(result.request_id)
+        self._observe(result.finish)
         if owner is None:
             self.run.finished(result)
         else:
             self._deliver(result.finish)
             owner.finished(result)
             self._post(owner, result.finish)
+
+    def _observe(self, now: float) -> None:
+        """Every replica takes the scrapes that landed since the last event (see the class docstring)."""
+        if len(self.replicas) < 2 or not self._pods:
+            return
+        self._deliver(now)
+        for r in self.replicas:
+            r.observe(self._pods, now)
+            self._post(r, now)
 
     def _post(self, sender: EppRouter, now: float) -> None:
         """The replica's peer message, if it has news, reaches the others `peer_lag` later."""
