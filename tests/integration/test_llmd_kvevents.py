@@ -33,6 +33,7 @@ from epp.scheduling.blockkeys import BlockKeys
 from epp.scheduling.tokenizers import LlmdSimTokenizer
 
 from support import llmd_sim
+from support.kvevents import running_collectors
 
 MODEL = "/model/llama2"
 BS = 16
@@ -73,19 +74,8 @@ Collect = Callable[..., KVEventCollector]
 @pytest.fixture
 async def collect() -> AsyncIterator[Collect]:
     """Bound, running collectors (port 0 on 127.0.0.1); cancelled and closed after the test."""
-    made: list[tuple[asyncio.Task[None], KVEventCollector]] = []
-
-    def make(**kw: Any) -> KVEventCollector:
-        c = KVEventCollector(KVEventIndex(BlockKeys()), "tcp://127.0.0.1:0", **kw)
-        made.append((asyncio.create_task(c.run()), c))
-        return c
-
-    yield make
-    for task, c in made:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        c.close()
+    async with running_collectors() as run:
+        yield lambda **kw: run(KVEventCollector(KVEventIndex(BlockKeys()), "tcp://127.0.0.1:0", **kw))
 
 
 @pytest.fixture

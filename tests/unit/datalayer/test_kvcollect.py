@@ -26,6 +26,8 @@ from epp.domain import Endpoint
 from epp.errors import ConfigError
 from epp.scheduling.blockkeys import BlockKeys
 
+from support.kvevents import running_collectors
+
 BS = 4
 DEADLINE = 5.0
 A, B = "127.0.0.1:8000", "127.0.0.1:8001"
@@ -63,19 +65,10 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
 
 
 @pytest.fixture
-async def running() -> AsyncIterator[Callable[[KVEventCollector], None]]:
+async def running() -> AsyncIterator[Callable[[KVEventCollector], KVEventCollector]]:
     """Run collectors as tasks; cancelled, then closed, after the test."""
-    tasks: list[tuple[asyncio.Task[None], KVEventCollector]] = []
-
-    def run(c: KVEventCollector) -> None:
-        tasks.append((asyncio.create_task(c.run()), c))
-
-    yield run
-    for task, c in tasks:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        c.close()
+    async with running_collectors() as run:
+        yield run
 
 
 def collector(ctx: zmq.asyncio.Context, **kw: object) -> KVEventCollector:
