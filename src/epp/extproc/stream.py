@@ -127,25 +127,18 @@ class RequestContext:
     resp: ResponseSide = field(default_factory=ResponseSide)
 
 
-def _header_map(http_headers: Any) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for h in http_headers.headers.headers:
-        raw = h.raw_value  # each field read of a protobuf message costs: read it once
-        out[h.key.lower()] = raw.decode("utf-8", "replace") if raw else h.value
-    return out
+_RESPONSE_KEYS = frozenset((":status", "content-type", "content-length"))  # all epp reads of a response's
 
 
-_RESPONSE_KEYS = frozenset((":status", "content-type", "content-length"))
-
-
-def _response_header_map(http_headers: Any) -> dict[str, str]:
-    """The few response headers epp reads (its status, type and length), not all of them."""
+def _header_map(http_headers: Any, only: frozenset[str] | None = None) -> dict[str, str]:
+    """The headers as a dict (lower-case keys), or only the keys in ``only``."""
     out: dict[str, str] = {}
     for h in http_headers.headers.headers:
         key = h.key.lower()
-        if key in _RESPONSE_KEYS:
-            raw = h.raw_value
-            out[key] = raw.decode("utf-8", "replace") if raw else h.value
+        if only is not None and key not in only:
+            continue
+        raw = h.raw_value  # each field read of a protobuf message costs: read it once
+        out[key] = raw.decode("utf-8", "replace") if raw else h.value
     return out
 
 
@@ -393,7 +386,7 @@ class ExtProcStream:
     def on_response_headers(self, message: Any) -> list[Response]:
         ctx, resp = self.ctx, self.ctx.resp
         resp.state = ResponseState.STREAMING
-        headers = _response_header_map(message.response_headers)
+        headers = _header_map(message.response_headers, _RESPONSE_KEYS)
         status = headers.get(":status", "0")
         resp.status = int(status) if status.isdigit() else 0
         if resp.status == 404 and ctx.request is not None and ctx.ticket is not None:
