@@ -344,7 +344,9 @@ class App:
         await self.supervisor.aclose()  # a held Lease is released here (the elector's run is cancelled)
         self._close_sockets()
         if self._kube_api is not None:
-            await self._kube_api.close()
+            from epp.discovery._kube import close_api_client
+
+            await close_api_client(self._kube_api)
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
 

@@ -20,14 +20,13 @@ import asyncio
 import concurrent.futures
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Iterator
-from typing import Any
 
 import pytest
 from tools.kube.admin import Admin
 from tools.kube.build import ToolMissing, ensure_etcd, ensure_kube_apiserver
 from tools.kube.cluster import KubeCluster
 
-from epp.discovery._kube import new_api_client
+from epp.discovery._kube import close_api_client, new_api_client
 
 from .kube_support import RecordingSink, Sources
 
@@ -63,14 +62,6 @@ def _in_fresh_loop(coro: Awaitable[None]) -> None:
         pool.submit(asyncio.run, main()).result()
 
 
-async def close_api(api: Any) -> None:
-    """Close a kubernetes_asyncio client with its TLS connections aborted, not shut down
-    gracefully: a graceful TLS close finishes on later loop turns, and a test's loop that
-    closes first fails with EBUSY on the still-open transports (seen under load)."""
-    connector = api.rest_client.pool_manager.connector
-    if connector is not None:
-        await connector.close(abort_ssl=True)
-    await api.close()
 
 
 async def _install(cluster: KubeCluster, crds: tuple[str, ...]) -> None:
@@ -79,7 +70,7 @@ async def _install(cluster: KubeCluster, crds: tuple[str, ...]) -> None:
         admin = Admin(api)
         await asyncio.gather(*(admin.install_crd(name) for name in crds))
     finally:
-        await close_api(api)
+        await close_api_client(api)
 
 
 @pytest.fixture
@@ -88,7 +79,7 @@ async def admin(kube_cluster: KubeCluster) -> AsyncIterator[Admin]:
     try:
         yield Admin(api)
     finally:
-        await close_api(api)
+        await close_api_client(api)
 
 
 _namespaces = itertools.count()

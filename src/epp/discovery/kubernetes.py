@@ -45,7 +45,7 @@ from typing import Any
 from kubernetes_asyncio import client as k8s_client
 
 from epp.discovery import PoolSink
-from epp.discovery._kube import Obj, Reflector, WatchTiming, new_api_client
+from epp.discovery._kube import Obj, Reflector, WatchTiming, close_api_client, new_api_client
 from epp.domain import Criticality, Endpoint, FailureMode, ModelPolicies, ModelPolicy, Pool, TargetModel
 from epp.errors import ConfigError
 
@@ -274,7 +274,7 @@ class KubernetesPoolSource:
         """Close the API client if this source made it."""
         if self._owns_api and self._api is not None:
             api, self._api = self._api, None
-            await api.close()
+            await close_api_client(api)
 
     # ---- wiring ----------------------------------------------------------------------------
     async def _connect(self) -> None:
