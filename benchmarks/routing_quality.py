@@ -53,6 +53,8 @@ them):
   epp-precise, KV-event index; they are active-active peers (`epp.datalayer.peers`): each
   replica's load and speculative entries reach the other `--peer-lag` later (5 ms; epp sends
   every 5 ms; `--no-peer-sync` turns it off);
+- `evict-2r`: evict's memory pressure with two replicas (where per-replica approximate indexes
+  cost: each replica places an application on its own pod, so the fleet holds it twice);
 - `adversarial`: evict + bypass + restart at once; `adversarial-2r`: the same with two replicas;
 - `many-apps`: evict's trace without the memory pressure.
 
@@ -172,6 +174,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bypass": Scenario(bypass_share=0.2),
     "restart": Scenario(restart_every=RESTART_EVERY),
     "replicas": Scenario(replicas=2),
+    "evict-2r": Scenario(groups=EVICT_GROUPS, num_gpu_blocks=EVICT_BLOCKS, replicas=2),
     "adversarial": Scenario(groups=EVICT_GROUPS, num_gpu_blocks=EVICT_BLOCKS, bypass_share=0.2,
                             restart_every=RESTART_EVERY),
     "adversarial-2r": Scenario(groups=EVICT_GROUPS, num_gpu_blocks=EVICT_BLOCKS, bypass_share=0.2,
