@@ -100,6 +100,12 @@ class App:
             blocked_paths=() if settings.route_admin_paths else ADMIN_PATHS,
             trust_model_rewrite_header=settings.trust_model_rewrite_header,
         )
+        self.tokenize: Any = None  # epp.datalayer.tokenize.TokenizeClient when a precise scorer uses vllm-tokenize
+        if self.router.tokenizes:
+            from epp.datalayer.tokenize import TokenizeClient
+
+            self._tokenize_turn = 0
+            self.tokenize = TokenizeClient(self._tokenize_server, observe=self.metrics.observe_tokenize)
         self.metrics.registry.register(PoolCollector(self._pool_snapshot))
         interval = settings.refresh_metrics_interval
         self.scrapers = ScrapeLoops(
@@ -166,7 +172,16 @@ class App:
             max_body_bytes=self.settings.max_body_bytes,
             max_request_headers=self.settings.max_request_headers,
             conformance_hooks=self.settings.conformance_test_hooks,
+            tokenize=self.tokenize,
         )
+
+    def _tokenize_server(self) -> str | None:
+        """The pool's model server that tokenizes next (round robin over the routable ones)."""
+        endpoints = self.datastore.routable()
+        if not endpoints:
+            return None
+        self._tokenize_turn = (self._tokenize_turn + 1) % len(endpoints)
+        return endpoints[self._tokenize_turn].address
 
     def _known_models(self) -> frozenset[str] | None:
         """The allowlist's model names and their targets (None without an allowlist), cached per policy value."""
@@ -341,6 +356,8 @@ class App:
             with contextlib.suppress(Exception):
                 await self.peer_link.flush()
         self.scrapers.close()
+        if self.tokenize is not None:
+            await self.tokenize.aclose()
         await self.supervisor.aclose()  # a held Lease is released here (the elector's run is cancelled)
         self._close_sockets()
         if self._kube_api is not None:

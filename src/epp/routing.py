@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from epp.domain import Criticality, Endpoint, InferenceRequest, ModelPolicies, Pick, TargetModel
 from epp.errors import ModelNotFound, NoEndpoints, PathNotAllowed, clip
 from epp.scheduling import Scheduler
+from epp.scheduling.tokenizers import TokenizeNeed as TokenizeNeed  # noqa: PLC0414 (re-exported for extproc)
 from epp.wire import ADMIN_PATHS
 
 
@@ -154,14 +155,27 @@ class Router:
             return request
         return dataclasses.replace(request, target_model=target, criticality=criticality)
 
-    def route(self, request: InferenceRequest) -> Pick:
-        """Pick endpoints for a request: the model policy (for a request that names a model),
-        the subset hint, admission, the scheduler and the mirror pick.
+    @property
+    def tokenizes(self) -> bool:
+        """Whether a request may need the model server's token ids before routing (:meth:`prepare`)."""
+        return self._scheduler.tokenizes
+
+    def prepare(self, request: InferenceRequest) -> tuple[InferenceRequest, list[TokenizeNeed]]:
+        """The request with its model policy applied, and the ``/tokenize`` calls the transport
+        makes (and delivers) before ``route(request, resolved=True)``."""
+        if request.model:
+            request = self.resolve_model(request)
+        return request, self._scheduler.tokenize_needs(request)
+
+    def route(self, request: InferenceRequest, *, resolved: bool = False) -> Pick:
+        """Pick endpoints for a request: the model policy (for a request that names a model,
+        unless ``resolved`` by :meth:`prepare`), the subset hint, admission, the scheduler and
+        the mirror pick.
 
         The path was checked on the request headers (:meth:`check_path`), before any body;
         the transport rewrites the body when ``Pick.target_model`` differs from the model.
         """
-        if request.model:
+        if request.model and not resolved:
             request = self.resolve_model(request)
         pool = self._pool.routable()
         candidates = filter_subset(pool, request.subset)

@@ -22,7 +22,7 @@ from aiohttp import web
 from epp_sim import openai_api as api
 from epp_sim.domain import RequestTooLarge, SimRequest
 from epp_sim.realtime import Ticket
-from epp_sim.tokenizer import generated_text, tokenize, tokenize_ids
+from epp_sim.tokenizer import generated_text, text_token_ids, tokenize, tokenize_ids
 
 if TYPE_CHECKING:
     from epp_sim.server import SimPod
@@ -61,6 +61,7 @@ class OpenAIHandlers:
         r = app.router
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_post("/tokenize", self.tokenize)
         r.add_get("/v1/models", self.models)
         r.add_post("/v1/load_lora_adapter", self.load_lora_adapter)
         r.add_post("/v1/unload_lora_adapter", self.unload_lora_adapter)
@@ -94,6 +95,30 @@ class OpenAIHandlers:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, api.parse_chat)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``POST /tokenize``: ``prompt`` (a string) or ``messages`` (rendered through the
+        chat template, with the generation prompt unless ``add_generation_prompt`` is false)."""
+        self.pod.tokenize_received += 1
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise api.ApiError(400, "the body must be a JSON object.")
+        self._resolve(body.get("model"))
+        prompt, messages = body.get("prompt"), body.get("messages")
+        if (prompt is None) == (messages is None):
+            raise api.ApiError(400, "give either prompt or messages.")
+        if messages is not None:
+            text = api.parse_chat({"messages": messages}).prompts[0]
+            assert isinstance(text, str)
+            if body.get("add_generation_prompt", True) is False:
+                text = text.removesuffix(api.GENERATION_PROMPT)
+        elif isinstance(prompt, str):
+            text = prompt
+        else:
+            raise api.ApiError(400, "prompt must be a string.", "prompt")
+        ids = text_token_ids(text) if text else []
+        return _json({"count": len(ids), "max_model_len": self.pod.config.engine.max_model_len, "tokens": ids,
+                      "token_strs": None})  # fmt: skip
 
     def _resolve(self, model: str | None) -> tuple[str, str | None]:
         served = self.pod.config.served_names

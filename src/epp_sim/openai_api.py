@@ -130,10 +130,13 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+GENERATION_PROMPT = "<|assistant|>\n"  # what the chat template ends with: the assistant's turn begins
+
+
 def render_chat(messages: Sequence[Mapping[str, Any]]) -> str:
     """A fixed chat template; earlier turns render identically, so they share cache blocks."""
     parts = [f"<|{m['role']}|>\n{_content_text(m.get('content'))}\n" for m in messages]
-    parts.append("<|assistant|>\n")
+    parts.append(GENERATION_PROMPT)
     return "".join(parts)
 
 

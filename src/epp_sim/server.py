@@ -109,6 +109,7 @@ class SimPod:
         )
         self.adapters: dict[str, str] = {m.name: m.path for m in self.config.lora_modules}
         self.requests_received = 0
+        self.tokenize_received = 0  # POST /tokenize calls
         self.completed: deque[SimRequest] = deque(maxlen=10_000)
         self.host = ""
         self.port = 0

@@ -26,7 +26,16 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-__all__ = ["BYTES_PER_TOKEN", "Prompt", "block_token_ids", "count_tokens", "generated_text", "tokenize", "tokenize_ids"]
+__all__ = [
+    "BYTES_PER_TOKEN",
+    "Prompt",
+    "block_token_ids",
+    "count_tokens",
+    "generated_text",
+    "text_token_ids",
+    "tokenize",
+    "tokenize_ids",
+]
 
 BYTES_PER_TOKEN = 4
 
@@ -78,6 +87,14 @@ def tokenize(text: str, block_size: int, adapter: str | None = None, cache_salt:
         h = xxhash.xxh3_64_intdigest(data[start : start + span], seed=h)
         hashes.append(h)
     return Prompt(max(1, -(-len(data) // BYTES_PER_TOKEN)), tuple(hashes), data)
+
+
+def text_token_ids(text: str) -> list[int]:
+    """The token ids of a text prompt (module docstring), the last token zero-padded: what
+    `/tokenize` answers and, for full blocks, what KV events carry."""
+    data = text.encode()
+    data += b"\0" * (-len(data) % BYTES_PER_TOKEN)
+    return list(struct.unpack(f"<{len(data) // BYTES_PER_TOKEN}I", data))
 
 
 def tokenize_ids(

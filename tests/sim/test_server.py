@@ -153,6 +153,42 @@ async def test_errors_have_vllm_shape(
     assert data["error"]["type"] == kind and data["error"]["code"] == status
 
 
+async def test_tokenize_gives_the_ids_the_kv_events_carry(http: aiohttp.ClientSession, pod: SimPod) -> None:
+    """vLLM's ``POST /tokenize``: a prompt's ids are its bytes in fours (the last zero-padded), a
+    chat's those of its rendering through the chat template, the generation prompt included
+    unless ``add_generation_prompt`` is false."""
+    status, data, _ = await post(http, pod, "/tokenize", {"model": MODEL, "prompt": "abcdefg"})
+    assert status == 200
+    assert data == {"count": 2, "max_model_len": pod.config.engine.max_model_len,
+                    "tokens": [int.from_bytes(b"abcd", "little"), int.from_bytes(b"efg\0", "little")],
+                    "token_strs": None}  # fmt: skip
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    rendered = "<|system|>\nbe brief\n<|user|>\nhi\n"
+    for extra, text in (({}, rendered + "<|assistant|>\n"), ({"add_generation_prompt": False}, rendered)):
+        status, data, _ = await post(http, pod, "/tokenize", {"messages": messages, **extra})
+        padded = text.encode() + b"\0" * (-len(text.encode()) % 4)
+        assert status == 200 and data["tokens"] == [int.from_bytes(padded[i : i + 4], "little")
+                                                    for i in range(0, len(padded), 4)]  # fmt: skip
+    assert pod.tokenize_received == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400),
+        ({"model": MODEL}, 400),
+        ({"prompt": ["x"]}, 400),
+        ({"messages": [{"content": "x"}]}, 400),
+        ({"model": "nope", "prompt": "x"}, 404),
+        (["x"], 400),
+    ],
+    ids=["both", "neither", "prompt-list", "message-without-role", "unknown-model", "not-an-object"],
+)
+async def test_tokenize_errors_have_vllm_shape(http: aiohttp.ClientSession, pod: SimPod, body: Any, status: int):
+    got, data, _ = await post(http, pod, "/tokenize", body)
+    assert got == status and data["error"]["code"] == status
+
+
 async def test_invalid_json(http: aiohttp.ClientSession, pod: SimPod) -> None:
     async with http.post(pod.url + "/v1/completions", data=b"{not json") as resp:
         assert resp.status == 400 and (await resp.json())["error"]["type"] == "BadRequestError"

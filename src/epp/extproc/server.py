@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from epp.errors import ConfigError
 from epp.extproc import reflection
-from epp.extproc.stream import ExtProcStream
+from epp.extproc.stream import ExtProcStream, Pending
 from epp.observability.logging import request_id_var
 from epp.observability.metrics import EppMetrics
 
@@ -78,7 +78,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         cancelled = True
         try:
             async for message in request_iterator:
-                for response in stream.handle(message):
+                out = stream.handle(message)
+                if isinstance(out, Pending):  # the decision waits on the model server's token ids
+                    out = await out.result()
+                for response in out:
                     yield response
                 if stream.finished:
                     break
@@ -139,9 +142,7 @@ class ExtProcServer:
         server = grpc.aio.server(options=_GRPC_OPTIONS + _reuse(False))
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (EXTPROC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((EXTPROC_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
             server.add_insecure_port(unix_address)  # grpc replaces a stale socket file, not a regular file
         except RuntimeError:

@@ -27,10 +27,11 @@ Gateway) gets no echo: the served endpoint is the gateway's to report, not epp's
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,7 @@ from epp.openai import (
     parse_inference_request,
     rewrite_model,
 )
-from epp.routing import Claim, Router, filter_subset, parse_subset
+from epp.routing import Claim, Router, TokenizeNeed, filter_subset, parse_subset
 from epp.wire import (
     DESTINATION_HEADER,
     LB_NAMESPACE,
@@ -169,6 +170,27 @@ def _body_mode(value: int, direction: str) -> BodySendMode:
         raise BadRequest(f"protocol_config names an unknown {direction} body mode {value}") from None
 
 
+# fetches one TokenizeNeed and delivers it (or not, on failure: the decision falls back); never raises
+Tokenize = Callable[[TokenizeNeed], Awaitable[None]]
+
+
+class Pending:
+    """Responses that wait on I/O first: a request whose decision needs the model server's
+    token ids (``tokenizer: vllm-tokenize``).  The servicer awaits :meth:`result`; everything
+    else about a stream stays synchronous."""
+
+    __slots__ = ("_work", "extra")
+
+    def __init__(self, work: Coroutine[Any, Any, list[Response]]) -> None:
+        self._work = work
+        self.extra: list[Response] = []  # sent after the work's responses (a trailers reply)
+
+    async def result(self) -> list[Response]:
+        out = await self._work
+        out.extend(self.extra)
+        return out
+
+
 class ExtProcStream:
     """Turns the messages of one ext_proc stream into responses and a routing decision."""
 
@@ -181,8 +203,10 @@ class ExtProcStream:
         max_request_headers: int = MAX_REQUEST_HEADERS,
         clock: Callable[[], float] = time.monotonic,
         conformance_hooks: bool = False,
+        tokenize: Tokenize | None = None,
     ) -> None:
         self._router = router
+        self._tokenize = tokenize if router.tokenizes else None
         self._metrics = metrics
         self._max_body = max_body_bytes
         self._max_headers = max_request_headers
@@ -194,7 +218,7 @@ class ExtProcStream:
         self._first = True
 
     # ---- dispatch ----------------------------------------------------------------------
-    def handle(self, message: Any) -> list[Response]:
+    def handle(self, message: Any) -> list[Response] | Pending:
         try:
             if self._first:
                 self._first = False
@@ -277,7 +301,7 @@ class ExtProcStream:
             raise NoEndpoints(f"no ready endpoint matches {TEST_SELECTION_HEADER} {selection[:200]!r}")
         return tuple(e.address for e in allowed)
 
-    def on_request_body(self, chunk: bytes, end_of_stream: bool) -> list[Response]:
+    def on_request_body(self, chunk: bytes, end_of_stream: bool) -> list[Response] | Pending:
         req = self.ctx.req
         if req.state is RequestState.ROUTED:  # body after a headers-only decision (NONE/STREAMED modes)
             return self._pass_request_chunk(chunk, end_of_stream)
@@ -295,14 +319,14 @@ class ExtProcStream:
             raise PayloadTooLarge("request body exceeds the gateway's buffer")
         return self._route_body(end_of_stream=True)
 
-    def on_request_trailers(self) -> list[Response]:
-        out: list[Response] = []
+    def on_request_trailers(self) -> list[Response] | Pending:
+        out: list[Response] | Pending = []
         state = self.ctx.req.state
         if state is RequestState.HEADERS:
             raise BadRequest("request_trailers before request_headers")
         if state is RequestState.BODY:
             out = self._route_body(end_of_stream=False)
-        out.append(responses.trailers_response(Phase.REQUEST_TRAILERS))
+        (out.extra if isinstance(out, Pending) else out).append(responses.trailers_response(Phase.REQUEST_TRAILERS))
         return out
 
     def _route_headers_only(self) -> Response:
@@ -313,7 +337,7 @@ class ExtProcStream:
         pick = self._router.route(request)
         return responses.request_headers_response(*self._destination(pick, None), clear_route_cache=True)
 
-    def _route_body(self, *, end_of_stream: bool) -> list[Response]:
+    def _route_body(self, *, end_of_stream: bool) -> list[Response] | Pending:
         ctx, req = self.ctx, self.ctx.req
         body = req.chunks[0] if len(req.chunks) == 1 else b"".join(req.chunks)
         req.chunks = []
@@ -328,7 +352,38 @@ class ExtProcStream:
             model_rewrite=headers.get(MODEL_REWRITE_HEADER, ""),
         )
         ctx.model = request.model
-        pick = self._router.route(request)
+        if self._tokenize is not None:
+            resolved, needs = self._router.prepare(request)
+            if needs:
+                return Pending(
+                    self._route_after(needs, request, resolved, body=body, doc=doc, end_of_stream=end_of_stream)
+                )
+            return self._routed(request, self._router.route(resolved, resolved=True), body, doc, end_of_stream)
+        return self._routed(request, self._router.route(request), body, doc, end_of_stream)
+
+    async def _route_after(
+        self,
+        needs: Sequence[TokenizeNeed],
+        request: InferenceRequest,
+        resolved: InferenceRequest,
+        *,
+        body: bytes,
+        doc: Any,
+        end_of_stream: bool,
+    ) -> list[Response]:
+        """Fetch the token ids, then decide (on the approximate index for ids that did not come)."""
+        assert self._tokenize is not None
+        tokenize = self._tokenize
+        await asyncio.gather(*(tokenize(n) for n in needs))
+        try:
+            return self._routed(request, self._router.route(resolved, resolved=True), body, doc, end_of_stream)
+        except Rejected as rejected:
+            return [self._reject(rejected)]
+
+    def _routed(
+        self, request: InferenceRequest, pick: Pick, body: bytes, doc: Any, end_of_stream: bool
+    ) -> list[Response]:
+        req = self.ctx.req
         new_body = rewrite_model(body, doc, pick.target_model) if pick.target_model != request.model else None
         mutation, metadata = self._destination(
             pick, request, body_len=len(new_body) if new_body is not None else len(body)

@@ -59,6 +59,7 @@ _DURATION_BUCKETS = (
 )
 _TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072)
 _SCHEDULER_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+_TOKENIZE_BUCKETS = (*_SCHEDULER_BUCKETS, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +179,22 @@ class EppMetrics:
             buckets=_SCHEDULER_BUCKETS,
             registry=r,
         )
+        self.tokenize_duration = HotHistogram(
+            "epp_tokenize_duration_seconds",
+            "Calls to a model server's /tokenize before a decision (tokenizer: vllm-tokenize), by outcome "
+            "(ok, timeout, error, no_server).",
+            ["outcome"],
+            buckets=_TOKENIZE_BUCKETS,
+            registry=r,
+        )
         self._series: dict[tuple[str, str], ModelSeries] = {}
 
     def plugin_timer(self, extension_point: str, plugin_type: str, plugin_name: str) -> Callable[[float], None]:
         """The duration observer of one scheduling plugin (resolved once, when a scheduler is built)."""
         return self.plugin_duration.labels(extension_point, plugin_type, plugin_name).observe
+
+    def observe_tokenize(self, outcome: str, seconds: float) -> None:
+        self.tokenize_duration.labels(outcome).observe(seconds)
 
     def series(self, model: str, target: str) -> ModelSeries:
         """Children for one model pair; cached because ``labels()`` costs a lock and a dict walk."""

@@ -25,9 +25,12 @@ epp has no model tokenizer, so the scheme's ``Tokenizer`` is pluggable:
 * ``Utf8QuadTokenizer`` (``tokenizer: utf8-quad``, the default): epp-sim's tokenizer,
   token ``i`` = UTF-8 bytes ``[4i, 4i+4)`` as a little-endian uint32.  Its packed tokens are
   the text's bytes, so keys cost one xxh3 per block and no token list is built.
-* anything with ``token_ids(text) -> Sequence[int]`` (an in-process Hugging Face tokenizer
-  applying the model's chat template, or a cache filled from vLLM's ``/tokenize``) makes the
-  same scheme match a real vLLM, whose events carry the real token ids.
+* ``ServerTokenizer`` (``tokenizer: vllm-tokenize``): the ids the model server's own
+  ``/tokenize`` returns, fetched before the decision; it makes the same scheme match a real
+  vLLM (any model, its chat template), whose events carry the real token ids;
+* anything else with ``token_ids(text) -> Sequence[int]`` (an in-process Hugging Face
+  tokenizer, say).  A tokenizer that cannot answer now raises ``TokensPending``: the
+  scorer then uses the approximate index for that request.
 
 Invariants: equal (tokens, block size, model, seed) give equal keys in every process;
 a prompt that extends another shares its leading keys; keys are 64-bit unsigned ints.
@@ -42,7 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import xxhash
 
-from epp.scheduling.tokenizers import LlmdSimTokenizer
+from epp.scheduling.tokenizers import LlmdSimTokenizer, ServerTokenizer
 
 __all__ = ["TOKENIZERS", "BlockKeys", "BlockLookup", "ChatTemplate", "Tokenizer", "Utf8QuadTokenizer"]
 
@@ -84,7 +87,11 @@ class Utf8QuadTokenizer:
 
 
 # tokenizer parameter of precise-prefix-cache-scorer → a factory
-TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"utf8-quad": Utf8QuadTokenizer, "llmd-sim": LlmdSimTokenizer}
+TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {
+    "utf8-quad": Utf8QuadTokenizer,
+    "llmd-sim": LlmdSimTokenizer,
+    "vllm-tokenize": ServerTokenizer,  # the server's /tokenize (its parameters: profile._precise)
+}
 
 
 class BlockLookup(Protocol):
@@ -107,7 +114,7 @@ class BlockKeys:
     """The key scheme (module docstring): one per epp process, shared by subscriber and scorer."""
 
     def __init__(self, tokenizer: Tokenizer | None = None, *, hash_seed: str = "", max_blocks: int = 256) -> None:
-        self.tokenizer: Tokenizer = tokenizer or Utf8QuadTokenizer()
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else Utf8QuadTokenizer()  # (one may be falsy)
         self.hash_seed = hash_seed
         self.max_blocks = max_blocks
         self._roots: dict[str, int] = {}

@@ -57,6 +57,7 @@ from epp.scheduling.scorers import (
     QueueScorer,
     RunningRequestsScorer,
 )
+from epp.scheduling.tokenizers import ServerTokenizer
 
 
 class _Strict(BaseModel):
@@ -137,17 +138,33 @@ def _guarded(
     return GuardedAffinityScorer(inner, max_extra_load=cap) if cap > 0 else inner
 
 
+def _server_tokenizer(params: dict[str, Any]) -> ServerTokenizer:
+    """``tokenizer: vllm-tokenize``: ``tokenizeURL`` (a server's base URL; default "": a model
+    server of the pool), ``tokenizeTimeout`` (seconds the decision waits; 0.05, at most 5),
+    ``tokenizeCacheSize`` (prompts whose ids are kept; 1024)."""
+    url = params.get("tokenizeURL", "")
+    if not isinstance(url, str) or (url and not url.startswith(("http://", "https://"))):
+        raise ValueError(f"parameter tokenizeURL must be an http:// or https:// URL, got {url!r}")
+    timeout = _num(params, "tokenizeTimeout", 0.05)
+    if not 0 < timeout <= 5.0:
+        raise ValueError(f"parameter tokenizeTimeout must be above 0 and at most 5 seconds, got {timeout!r}")
+    size = int(_num(params, "tokenizeCacheSize", 1024, minimum=1))
+    return ServerTokenizer(url=url, timeout=timeout, cache_size=size)
+
+
 def _precise(name: str, params: dict[str, Any]) -> PrecisePrefixCacheScorer:
-    """``precise-prefix-cache-scorer``: ``tokenizer`` (``utf8-quad``), ``maxPrefixBlocksToMatch``
-    (256), ``speculativeTTL`` (seconds a pick counts as cached before the pod reports it; 2,
-    0 = off, at most 60), ``loraGate`` (true: an adapter's blocks count by the pod's LoRA
-    state), and the approximate fallback's ``prefix-cache-scorer`` parameters; the KV-event index
-    is bound by ``build_scheduler(kv_index=...)``.  (No hash seed: keys are epp's own, computed
-    from token ids on both sides, so vLLM's ``PYTHONHASHSEED`` does not matter to them.)"""
+    """``precise-prefix-cache-scorer``: ``tokenizer`` (``utf8-quad``; for ``vllm-tokenize`` see
+    ``_server_tokenizer``), ``maxPrefixBlocksToMatch`` (256), ``speculativeTTL`` (seconds a pick
+    counts as cached before the pod reports it; 2, 0 = off, at most 60), ``loraGate`` (true: an
+    adapter's blocks count by the pod's LoRA state), and the approximate fallback's
+    ``prefix-cache-scorer`` parameters; the KV-event index is bound by
+    ``build_scheduler(kv_index=...)``.  (No hash seed: keys are epp's own, computed from token
+    ids on both sides, so vLLM's ``PYTHONHASHSEED`` does not matter to them.)"""
     tokenizer = params.get("tokenizer", "utf8-quad")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"parameter tokenizer must be one of {', '.join(sorted(TOKENIZERS))}, got {tokenizer!r}")
-    keys = BlockKeys(TOKENIZERS[tokenizer](), max_blocks=int(_num(params, "maxPrefixBlocksToMatch", 256, minimum=1)))
+    chosen = _server_tokenizer(params) if tokenizer == "vllm-tokenize" else TOKENIZERS[tokenizer]()
+    keys = BlockKeys(chosen, max_blocks=int(_num(params, "maxPrefixBlocksToMatch", 256, minimum=1)))
     ttl = _num(params, "speculativeTTL", 2.0)
     if not ttl <= 60.0:  # also nan and inf: an entry must expire (and peers refuse longer ones)
         raise ValueError(f"parameter speculativeTTL must be at most 60 seconds, got {params['speculativeTTL']!r}")

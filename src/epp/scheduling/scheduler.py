@@ -22,7 +22,8 @@ from epp.scheduling.base import Candidates
 from epp.scheduling.blockkeys import BlockLookup
 from epp.scheduling.prefix import PrefixIndex, block_hashes
 from epp.scheduling.profile import EndpointPickerConfig, SchedulerProfile, build_profile, builtin_config
-from epp.scheduling.scorers import bind_block_lookup, clamp
+from epp.scheduling.scorers import PrecisePrefixCacheScorer, bind_block_lookup, clamp
+from epp.scheduling.tokenizers import ServerTokenizer, TokenizeNeed
 
 # extension point, plugin type, plugin name -> that plugin's duration observer (seconds); asked once per
 # plugin when the scheduler is built, so a decision pays one call per plugin, not a label lookup
@@ -92,10 +93,30 @@ class Scheduler:
         self._pre_request: list[PreRequest] = [
             inner for s, _ in profile.scorers if isinstance(inner := getattr(s, "inner", s), PreRequest)
         ]
+        # precise scorers that read the model server's own token ids (tokenizer: vllm-tokenize)
+        self._server_tokens = [
+            inner
+            for s, _ in profile.scorers
+            if isinstance(inner := getattr(s, "inner", s), PrecisePrefixCacheScorer)
+            and isinstance(inner.keys.tokenizer, ServerTokenizer)
+        ]
 
     @property
     def name(self) -> str:
         return self.profile.name
+
+    @property
+    def tokenizes(self) -> bool:
+        """Whether decisions may need the model server's token ids first (``tokenize_needs``)."""
+        return bool(self._server_tokens)
+
+    def tokenize_needs(self, request: InferenceRequest) -> list[TokenizeNeed]:
+        """The ``/tokenize`` calls to make (and deliver) before :meth:`schedule`, usually none:
+        a precise scorer on ``vllm-tokenize`` whose cache lacks this prompt.  Without them the
+        decision still comes, on the approximate index."""
+        if not self._server_tokens:
+            return []
+        return [n for s in self._server_tokens if (n := s.tokenize_need(request)) is not None]
 
     def prefix_hashes(self, request: InferenceRequest, endpoints: Sequence[Endpoint]) -> list[int]:
         settings = self.profile.prefix
@@ -109,6 +130,7 @@ class Scheduler:
                     block = m.block_size
                     break
         return block_hashes(request.prompt, request.target_model, block_tokens=block, max_blocks=settings.max_blocks)
+
     def sample(self, request: InferenceRequest, endpoints: Sequence[Endpoint], hashes: Sequence[int]) -> list[Endpoint]:
         """At most ``max_candidates`` endpoints (the profile's ``candidate-sampler``): up to
         a quarter of them holders of the prompt's longest cached prefix, up to a quarter

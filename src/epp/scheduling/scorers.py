@@ -13,6 +13,7 @@ from typing import Any, cast
 from epp.domain import InferenceRequest
 from epp.scheduling.base import Candidates, min_max_low_is_best
 from epp.scheduling.blockkeys import BlockKeys, BlockLookup
+from epp.scheduling.tokenizers import ServerTokenizer, TokenizeNeed, TokensPending
 
 _UNKNOWN_QUEUE = 1 << 20  # a stale endpoint's queue: worse than any real one
 
@@ -118,13 +119,19 @@ class PrecisePrefixCacheScorer:
     name: str = "precise-prefix-cache-scorer"
     type: str = "precise-prefix-cache-scorer"
 
-    def _keys(self, request: InferenceRequest, c: Candidates, block_size: int) -> list[int]:
+    def _keys(self, request: InferenceRequest, c: Candidates, block_size: int) -> list[int] | None:
+        """The prompt's keys at ``block_size``; None when its token ids are not known
+        (``TokensPending``: a server tokenizer whose answer did not come)."""
         slot = ("precise-keys", id(self.keys), block_size)
-        keys = c.cache.get(slot)
-        if keys is None:
-            text = self.keys.request_text(request.prompt, request.messages)
-            keys = c.cache[slot] = self.keys.prompt_keys(text, request.target_model, block_size)
-        return cast(list[int], keys)
+        if slot in c.cache:
+            return cast("list[int] | None", c.cache[slot])
+        text = self.keys.request_text(request.prompt, request.messages)
+        try:
+            keys: list[int] | None = self.keys.prompt_keys(text, request.target_model, block_size)
+        except TokensPending:
+            keys = None
+        c.cache[slot] = keys
+        return keys
 
     def score(self, request: InferenceRequest, c: Candidates) -> list[float]:
         index = self.index
@@ -137,8 +144,18 @@ class PrecisePrefixCacheScorer:
                 out.append(approx)
                 continue
             keys = self._keys(request, c, block_size)
+            if keys is None:  # token ids unknown: what epp itself sent there
+                out.append(approx)
+                continue
             out.append(index.leading_run(e.address, keys) / len(keys) if keys else 0.0)
         return _lora_gate(request, c, out) if self.lora_gate else out
+
+    def tokenize_need(self, request: InferenceRequest) -> TokenizeNeed | None:
+        """The ``/tokenize`` call this request needs first (a server tokenizer, bound to KV events)."""
+        tokenizer = self.keys.tokenizer
+        if self.index is None or not isinstance(tokenizer, ServerTokenizer):
+            return None
+        return tokenizer.need(request)
 
     def pre_request(self, request: InferenceRequest, c: Candidates, picked: int) -> None:
         """The request goes to ``c.endpoints[picked]``: enter its blocks there speculatively."""

@@ -4,29 +4,18 @@ KV-event matches, the approximate fallback, the load guard, and the ``epp-precis
 from __future__ import annotations
 
 import random
-import struct
 
-import msgpack
 import pytest
 
 from epp.datalayer.kvevents import KVEventIndex
 from epp.errors import ConfigError
 from epp.scheduling import build_scheduler, builtin_config, parse_config
-from epp.scheduling.blockkeys import BlockKeys, Utf8QuadTokenizer
+from epp.scheduling.blockkeys import BlockKeys
 from epp.scheduling.profile import build_profile
 from epp.scheduling.scorers import GuardedAffinityScorer, PrecisePrefixCacheScorer
 
+from support.kvevents import PROMPT, publish
 from support.scheduling import EPS, cands, m, req, store_with
-
-PROMPT = "".join(f"[block {i:02d} of the system prompt]".ljust(64, ".") for i in range(8))  # 8 blocks of 16 tokens
-
-
-def publish(idx: KVEventIndex, address: str, blocks: int, seq: int = 0, model: str = "base") -> None:
-    """The pod reports holding the first ``blocks`` blocks of PROMPT (as epp-sim would publish them)."""
-    ids = list(Utf8QuadTokenizer().token_ids(PROMPT[: blocks * 64]))
-    event = {"type": "BlockStored", "block_hashes": list(range(1, blocks + 1)), "parent_block_hash": None,
-             "token_ids": ids, "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None}  # fmt: skip
-    idx.apply(address, [f"kv@{address}@{model}".encode(), struct.pack(">Q", seq), msgpack.packb([0.0, [event], 0])])
 
 
 def test_score_is_the_reported_leading_run_over_the_prompt_blocks() -> None:
