@@ -27,10 +27,11 @@ import pytest
 
 from epp.datalayer.kvcollect import KVEventCollector
 from epp.datalayer.kvevents import KVEventIndex
-from epp.domain import Endpoint
+from epp.datalayer.tokenize import TokenizeClient
+from epp.domain import Endpoint, InferenceRequest
 from epp.openai import parse_inference_request
 from epp.scheduling.blockkeys import BlockKeys
-from epp.scheduling.tokenizers import LlmdSimTokenizer
+from epp.scheduling.tokenizers import LlmdSimTokenizer, ServerTokenizer
 
 from support import llmd_sim
 from support.kvevents import running_collectors
@@ -216,3 +217,37 @@ async def test_two_simulators_share_one_collector(collect: Collect, sims, http) 
     assert [[c.index.leading_run(p.address, KEYS.prompt_keys(q, MODEL, BS)) for q in prompts] for p in pods] == [
         [3, 0], [0, 3]]  # fmt: skip
     assert c.index.stats.gaps == 0 and c.stats.unknown == 0
+
+
+async def test_its_own_tokenize_endpoint_gives_the_keys_its_events_report(collect: Collect, sims, http) -> None:
+    """``tokenizer: vllm-tokenize`` against a server we did not write: the ids the simulator's
+    ``POST /tokenize`` returns for a completion and for a chat (rendered by its own template)
+    are the ones its KV events carry, and the ones ``LlmdSimTokenizer`` reproduces."""
+    c = collect()
+    sim = await sims(c, "--use-vllm-map-event-format")
+    c.follow([Endpoint(sim.address, sim.name)])
+    seen = await warm_up(http, c, sim)
+    messages = [{"role": "system", "content": words(40, "rule")}, {"role": "user", "content": words(30, "ask")}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
+    async with http.post(sim.url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+    prompt = words(64, "plain")
+    await complete(http, sim, prompt)
+    async with asyncio.timeout(DEADLINE):
+        await c.received(sim.address, seen + 2)
+    server = ServerTokenizer(url=sim.url, timeout=DEADLINE)
+    keys = BlockKeys(server)
+    client = TokenizeClient(lambda: None)
+    try:
+        chat = parse_inference_request(orjson.dumps(body), {}, path="/v1/chat/completions")[0]
+        completion = InferenceRequest(request_id="c", model=MODEL, target_model=MODEL, prompt=prompt)
+        for request, blocks in ((chat, 5), (completion, 4)):
+            need = server.need(request)
+            assert need is not None
+            await client(need)
+            text = keys.request_text(request.prompt, request.messages)
+            assert list(server.token_ids(text)) == list(TOKENIZER.token_ids(KEYS.request_text(request.prompt,
+                                                                                               request.messages)))
+            assert c.index.leading_run(sim.address, keys.prompt_keys(text, MODEL, BS)) == blocks
+    finally:
+        await client.aclose()
