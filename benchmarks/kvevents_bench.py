@@ -14,6 +14,10 @@ Measures, each row one of:
 - `memory`: bytes of Python heap per indexed block (tracemalloc, `--capacity` blocks).
 - `spec`: `KVEventIndex.speculate`, one pick's speculative entries (`blocks_per_event` keys):
   µs per pick ("event") and per key; the precise scorer makes one per routed request.
+- `tokenize`: `tokenizer: vllm-tokenize`'s fetch, `TokenizeClient` asking an epp-sim pod (a
+  separate process on 127.0.0.1, vLLM's `POST /tokenize`) for the ids of a `prompt_chars`
+  prompt, one call at a time on a uvloop loop: epp's CPU µs per call (`µs/event`) and the
+  median wall time a decision waits for it (`p50 µs`).
 - `peer` / `peerfull`: one active-active peer message (`epp.datalayer.peers`): `PeerSync.encode`
   on a replica with requests in flight on `prompt_chars` pods (the column is reused for the pod
   count), one of them changed since the last message, and one speculative entry of 64 keys,
@@ -30,25 +34,34 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
+import statistics
 import sys
 import time
 import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
+import uvloop
+
 from _cli import ArgumentParser, Output, positive_int
 from epp.datalayer.kvevents import KVEventIndex, KVEventSubscriber
 from epp.datalayer.ledger import LoadLedger
 from epp.datalayer.peers import PeerSync
-from epp.domain import Endpoint
+from epp.datalayer.tokenize import TokenizeClient
+from epp.domain import Endpoint, InferenceRequest
 from epp.scheduling.blockkeys import BlockKeys
+from epp.scheduling.tokenizers import ServerTokenizer
+from epp_sim.domain import EngineConfig
 from epp_sim.kvevents import BlockRemoved, BlockStored, KVEventPublisher, encode_batch, frames
+from epp_sim.profiles import FAST
+from epp_sim.server import PodConfig, SimPod
 
 BS = 16
 TOPIC = b"kv@10.0.0.1:8000@/model/llama2"
 POD = "10.0.0.1:8000"
+MODEL = "/model/llama2"  # epp-sim's default served name
 KEYS = ("bench", "measure", "form", "blocks_per_event", "prompt_chars", "events", "us_per_event", "us_per_block",
-        "events_per_s", "bytes_per_block")  # fmt: skip
+        "events_per_s", "bytes_per_block", "p50_us")  # fmt: skip
 
 
 def messages(n_events: int, blocks: int, form: str, capacity: int) -> list[list[bytes]]:
@@ -141,6 +154,53 @@ def bench_keys(chars: int, reps: int = 2000) -> dict[str, Any]:
     return row("keys", "", math.nan, chars, reps, cpu, n * reps)
 
 
+def _serve_pod(q: Any) -> None:
+    async def main() -> None:
+        pod = SimPod(PodConfig(engine=EngineConfig(profile=FAST)))
+        q.put(await pod.start())
+        await asyncio.get_running_loop().run_in_executor(None, q.get)  # until the bench is done
+        await pod.aclose()
+
+    asyncio.run(main())
+
+
+def bench_tokenize(chars_list: Sequence[int], reps: int = 500) -> list[dict[str, Any]]:
+    ctx = multiprocessing.get_context("spawn")
+    q: Any = ctx.Queue()
+    proc = ctx.Process(target=_serve_pod, args=(q,))
+    proc.start()
+    url = f"http://127.0.0.1:{q.get(timeout=30)}"
+
+    async def measure(chars: int) -> dict[str, Any]:
+        client = TokenizeClient(lambda: None)
+        tok = ServerTokenizer(url=url, timeout=5.0, cache_size=1)
+        text = ("abcdefghij" * (chars // 10 + 1))[:chars]
+        walls = []
+        cpu = 0.0
+        for i in range(reps + 20):  # the first 20 warm the connection up
+            need = tok.need(InferenceRequest(request_id="b", model=MODEL, target_model=MODEL, prompt=f"{i:08d}{text}"))
+            assert need is not None
+            t0, c0 = time.perf_counter(), time.process_time()
+            await client(need)
+            if i >= 20:
+                walls.append(time.perf_counter() - t0)
+                cpu += time.process_time() - c0
+        assert len(tok) == 1, "the server's answers did not arrive"
+        await client.aclose()
+        r = row("tokenize", "", math.nan, chars, reps, cpu, 0)
+        r["p50_us"] = statistics.median(walls) * 1e6
+        return r
+
+    async def run() -> list[dict[str, Any]]:
+        return [await measure(chars) for chars in chars_list]
+
+    try:
+        return uvloop.run(run())
+    finally:
+        q.put("done")
+        proc.join(30)
+
+
 def bench_memory(capacity: int) -> dict[str, Any]:
     msgs = messages(capacity // 16, 16, "map", capacity)
     idx = KVEventIndex(BlockKeys(), default_capacity=capacity * 2)
@@ -207,6 +267,7 @@ def row(measure: str, form: str, blocks: float, chars: float, events: int, cpu: 
         "us_per_block": cpu / total_blocks * 1e6 if total_blocks else math.nan,
         "events_per_s": events / cpu if cpu else math.nan,
         "bytes_per_block": math.nan,
+        "p50_us": math.nan,
     }
 
 
@@ -218,13 +279,13 @@ def fmt(v: Any, spec: str) -> str:
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = f"{'measure':<9}{'form':<7}{'blocks/ev':>10}{'chars':>8}{'events':>9}{'µs/event':>10}{'µs/block':>10}" \
-           f"{'events/s':>11}{'B/block':>9}"  # fmt: skip
+           f"{'events/s':>11}{'B/block':>9}{'p50 µs':>9}"  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['measure']:<9}{r['form']:<7}{fmt(r['blocks_per_event'], '>10.0f')}"
                      f"{fmt(r['prompt_chars'], '>8.0f')}{r['events']:>9}{fmt(r['us_per_event'], '>10.2f')}"
                      f"{fmt(r['us_per_block'], '>10.3f')}{fmt(r['events_per_s'], '>11,.0f')}"
-                     f"{fmt(r['bytes_per_block'], '>9.0f')}")  # fmt: skip
+                     f"{fmt(r['bytes_per_block'], '>9.0f')}{fmt(r['p50_us'], '>9.0f')}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -245,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(bench_keys(chars))
     rows.append(bench_memory(args.capacity))
     rows.append(bench_spec(256))
+    rows += bench_tokenize((1_000, 8_000, 32_000))
     for full in (False, True):
         for pods in (8, 100, 1000):
             rows.append(bench_peer(pods, full, reps=5_000 if not full or pods < 1000 else 500))

@@ -100,3 +100,31 @@ async def test_connection_refused():
     with pytest.raises(HttpGetError) as info:
         await getter.get()
     assert info.value.reason == "connection"
+
+
+async def test_post_sends_its_body_and_keeps_the_connection():
+    """``post`` (the tokenizer's call): a JSON body with its length, then the next request on the same connection."""
+    seen: list[tuple[bytes, bytes]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(
+                b"content-length:"))  # fmt: skip
+            seen.append((head, await reader.readexactly(length)))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    getter = HttpGetter("127.0.0.1", server.sockets[0].getsockname()[1], "/tokenize")
+    try:
+        assert await getter.post(b'{"prompt": "a"}') == (200, b"ok")
+        assert await getter.post(b"{}") == (200, b"ok")
+    finally:
+        getter.close()
+        server.close()
+        await server.wait_closed()
+    assert [body for _, body in seen] == [b'{"prompt": "a"}', b"{}"]
+    head = seen[0][0]
+    assert head.startswith(b"POST /tokenize HTTP/1.1\r\n") and b"Content-Type: application/json\r\n" in head

@@ -7,7 +7,9 @@ see ``epp.scheduling.tokenizers.TokenizeNeed.body``) and hands the ``tokens`` of
 back to the tokenizer's cache.  The server is the job's URL, else a routable model server of
 the pool (``pick_server``), so nothing more than the pool itself needs deploying.
 
-Never raises and never waits past the job's timeout: a failure (connection, status, a body
+Plain HTTP over epp's lean keep-alive client (``epp.datalayer.httpget``): in a cluster the
+servers' API port is plain HTTP, as the scraper reads it.  Never raises and never waits past
+the job's timeout: a failure (connection, status, a body
 that is not vLLM's answer, ids outside uint32) or a timeout delivers nothing, and the
 decision falls back on the approximate index for that request.  Each call is counted by
 outcome (``ok``, ``timeout``, ``error``, ``no_server``) with its duration.
@@ -17,20 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
+
+from epp.datalayer.httpget import HttpGetError, HttpGetter
 
 __all__ = ["MAX_RESPONSE_BYTES", "TokenizeClient", "TokenizeJob"]
 
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 16 << 20  # a 1M-token prompt's ids as JSON fit with room to spare
-_HEADERS = {"content-type": "application/json", "accept": "application/json"}
-_UINT32 = 1 << 32
+_IDLE_PER_SERVER = 8  # kept-alive connections kept per server (more may be open at once)
+_SERVERS = 256  # servers whose idle connections are kept (the pool's pods come and go)
 
 
 class TokenizeJob(Protocol):
@@ -54,13 +60,26 @@ def _token_ids(data: bytes) -> list[int]:
     except orjson.JSONDecodeError as exc:
         raise _BadAnswer(f"not JSON: {exc}") from None
     ids = doc.get("tokens") if isinstance(doc, dict) else None
-    if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < _UINT32 for t in ids):
-        raise _BadAnswer("no 'tokens' list of uint32 ids")
+    if not isinstance(ids, list):
+        raise _BadAnswer("no 'tokens' list")
+    try:  # every id an integer in uint32 (what the keys pack them as), checked in C
+        struct.pack(f"<{len(ids)}I", *ids)
+    except struct.error:
+        raise _BadAnswer("'tokens' holds something other than uint32 ids") from None
     return ids
 
 
+def _target(url: str) -> tuple[str, int, str]:
+    """``http://host[:port][/prefix]`` → host, port, the ``/tokenize`` path under the prefix."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise _BadAnswer(f"not an http:// URL: {url!r}")
+    return parts.hostname, parts.port or 80, parts.path.rstrip("/") + "/tokenize"
+
+
 class TokenizeClient:
-    """Awaitable per job (module docstring); one keep-alive connection pool, opened on first use."""
+    """Awaitable per job (module docstring).  Kept-alive connections (``HttpGetter``, epp's lean
+    HTTP/1.1 client) per server, idle ones reused; a call that fails or times out closes its own."""
 
     def __init__(
         self,
@@ -72,7 +91,7 @@ class TokenizeClient:
         self._pick = pick_server
         self._observe = observe
         self._max = max_response_bytes
-        self._session: aiohttp.ClientSession | None = None
+        self._idle: OrderedDict[str, list[HttpGetter]] = OrderedDict()
 
     async def __call__(self, job: TokenizeJob) -> None:
         started = time.perf_counter()
@@ -86,37 +105,45 @@ class TokenizeClient:
                     return
                 url = f"http://{address}"
             async with asyncio.timeout(job.timeout):
-                ids = await self._fetch(url + "/tokenize", orjson.dumps(job.body()))
+                ids = await self._fetch(url, orjson.dumps(job.body()))
             job.deliver(ids)
             outcome = "ok"
         except TimeoutError:
             outcome = "timeout"
-        except (aiohttp.ClientError, OSError, _BadAnswer) as exc:
+        except (HttpGetError, OSError, _BadAnswer, ValueError) as exc:  # ValueError: a bad port in a URL
             log.debug("tokenize failed: %s", exc)
         finally:
             if self._observe is not None:
                 self._observe(outcome, time.perf_counter() - started)
 
     async def _fetch(self, url: str, body: bytes) -> list[int]:
-        session = self._session
-        if session is None or session.closed:
-            session = self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64), raise_for_status=False, skip_auto_headers=("User-Agent",)
-            )
-        async with session.post(url, data=body, headers=_HEADERS) as resp:
-            if resp.status != 200:
-                raise _BadAnswer(f"HTTP {resp.status} from {url}")
-            if resp.content_length is not None and resp.content_length > self._max:
-                raise _BadAnswer(f"answer of {resp.content_length} bytes exceeds {self._max}")
-            chunks, size = [], 0
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                size += len(chunk)
-                if size > self._max:
-                    raise _BadAnswer(f"answer exceeds {self._max} bytes")
-                chunks.append(chunk)
-        return _token_ids(b"".join(chunks))
+        idle = self._idle.get(url)
+        if idle:
+            getter = idle.pop()
+        else:
+            host, port, path = _target(url)
+            getter = HttpGetter(host, port, path, max_bytes=self._max)
+        status, data = await getter.post(body)  # an exception or a cancellation closes its connection
+        self._release(url, getter)
+        if status != 200:
+            raise _BadAnswer(f"HTTP {status} from {url}")
+        return _token_ids(data)
+
+    def _release(self, url: str, getter: HttpGetter) -> None:
+        idle = self._idle.get(url)
+        if idle is None:
+            idle = self._idle[url] = []
+            while len(self._idle) > _SERVERS:
+                for old in self._idle.popitem(last=False)[1]:
+                    old.close()
+        self._idle.move_to_end(url)
+        if len(idle) < _IDLE_PER_SERVER:
+            idle.append(getter)
+        else:
+            getter.close()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for idle in self._idle.values():
+            for getter in idle:
+                getter.close()
+        self._idle.clear()

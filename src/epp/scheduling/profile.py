@@ -143,8 +143,8 @@ def _server_tokenizer(params: dict[str, Any]) -> ServerTokenizer:
     server of the pool), ``tokenizeTimeout`` (seconds the decision waits; 0.05, at most 5),
     ``tokenizeCacheSize`` (prompts whose ids are kept; 1024)."""
     url = params.get("tokenizeURL", "")
-    if not isinstance(url, str) or (url and not url.startswith(("http://", "https://"))):
-        raise ValueError(f"parameter tokenizeURL must be an http:// or https:// URL, got {url!r}")
+    if not isinstance(url, str) or (url and not url.startswith("http://")):
+        raise ValueError(f"parameter tokenizeURL must be an http:// URL, got {url!r}")
     timeout = _num(params, "tokenizeTimeout", 0.05)
     if not 0 < timeout <= 5.0:
         raise ValueError(f"parameter tokenizeTimeout must be above 0 and at most 5 seconds, got {timeout!r}")

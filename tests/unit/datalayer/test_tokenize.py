@@ -112,10 +112,11 @@ def _answer(status: int, body: bytes) -> Handler:
         (200, b'{"tokens": [1, -2]}'),
         (200, b'{"tokens": [1, 4294967296]}'),
         (200, b'{"tokens": [1, 2.5]}'),
-        (200, b'{"tokens": [true]}'),
+        (200, b'{"tokens": [1, "2"]}'),
+        (200, b'{"tokens": [1, [2]]}'),
         (200, b'[1, 2]'),
     ],
-    ids=["500", "404", "not-json", "no-tokens", "negative", "past-uint32", "float", "bool", "bare-list"],
+    ids=["500", "404", "not-json", "no-tokens", "negative", "past-uint32", "float", "text", "nested", "bare-list"],
 )
 async def test_a_bad_answer_delivers_nothing(server: Server, client, status: int, body: bytes) -> None:
     c, outcomes = client

@@ -120,13 +120,14 @@ def test_the_scheduler_collects_the_needs_of_its_server_tokenizers() -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ("tokenizeURL: '127.0.0.1:8000'", "tokenizeURL must be an http:// or https:// URL"),
-        ("tokenizeURL: 5", "tokenizeURL must be an http:// or https:// URL"),
+        ("tokenizeURL: '127.0.0.1:8000'", "tokenizeURL must be an http:// URL"),
+        ("tokenizeURL: 5", "tokenizeURL must be an http:// URL"),
+        ("tokenizeURL: 'https://vllm:8000'", "tokenizeURL must be an http:// URL"),
         ("tokenizeTimeout: 0", "tokenizeTimeout must be above 0 and at most 5 seconds"),
         ("tokenizeTimeout: 30", "tokenizeTimeout must be above 0 and at most 5 seconds"),
         ("tokenizeCacheSize: 0", "tokenizeCacheSize must be a number >= 1"),
     ],
-    ids=["url-without-scheme", "url-not-text", "zero-timeout", "long-timeout", "empty-cache"],
+    ids=["url-without-scheme", "url-not-text", "https", "zero-timeout", "long-timeout", "empty-cache"],
 )
 def test_bad_tokenizer_parameters_are_config_errors(params: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
