@@ -17,7 +17,7 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -175,9 +175,13 @@ class App:
             tokenize=self.tokenize,
         )
 
-    def _tokenize_server(self) -> str | None:
-        """The pool's model server that tokenizes next (round robin over the routable ones)."""
-        endpoints = self.datastore.routable()
+    def _tokenize_server(self, model: str) -> str | None:
+        """The pool's model server that tokenizes next: round robin over the routable ones that
+        serve ``model`` (all routable ones while no server is known to)."""
+        endpoints: Sequence[Endpoint] = self.datastore.routable()
+        serving = self.datastore.servers_of(model)
+        if serving:
+            endpoints = [e for e in endpoints if e.address in serving] or endpoints
         if not endpoints:
             return None
         self._tokenize_turn = (self._tokenize_turn + 1) % len(endpoints)

@@ -149,6 +149,10 @@ class InferenceRequest:
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
     # chat requests: (role, text) per message, for a tokenizer that renders the server's chat template
     messages: tuple[tuple[str, str], ...] = field(default=(), compare=False, hash=False)
+    # what a model server needs to tokenize the prompt as it will (``tokenizer: vllm-tokenize``), as the
+    # client sent it: a chat's rendering fields (messages, tools, template settings), ``{"prompt": text}``,
+    # or ``{"token_ids": [...]}`` for a prompt given as ids; None for a batch of prompts
+    prompt_source: Mapping[str, object] | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,26 @@ def _chat_messages(path: str, doc: dict[str, Any]) -> tuple[tuple[str, str], ...
     return tuple((str(m.get("role", "")), _content_text(m.get("content"))) for m in messages if isinstance(m, dict))
 
 
+# what shapes a chat's rendered prompt on the server (vLLM's chat and tokenize requests share these)
+_CHAT_RENDERING = (
+    "messages", "tools", "documents", "chat_template", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message", "add_special_tokens",
+)  # fmt: skip
+
+
+def _prompt_source(doc: dict[str, Any], chat: bool) -> dict[str, Any] | None:
+    """``InferenceRequest.prompt_source``: references into the parsed document, nothing copied."""
+    if chat:
+        return {k: doc[k] for k in _CHAT_RENDERING if k in doc}
+    prompt = doc.get("prompt")
+    if isinstance(prompt, str):
+        special = doc.get("add_special_tokens")
+        return {"prompt": prompt} if special is None else {"prompt": prompt, "add_special_tokens": special}
+    if isinstance(prompt, list) and prompt and all(_is_token_id(t) for t in prompt):
+        return {"token_ids": prompt}
+    return None  # a batch: each prompt is its own request on the server
+
+
 def _prompt_text(path: str, doc: dict[str, Any], messages: tuple[tuple[str, str], ...] | None = None) -> str:
     if messages is not None:
         return "".join(f"{role}:{text}\n" for role, text in messages)
@@ -127,6 +147,7 @@ def parse_inference_request(
         model_rewrite=model_rewrite,
         headers=headers,
         messages=messages or (),
+        prompt_source=_prompt_source(doc, messages is not None),
     )
     return request, doc
 

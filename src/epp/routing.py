@@ -123,6 +123,7 @@ class Router:
         self._trust_rewrite = trust_model_rewrite_header
         self._serving_cache: dict[str, tuple[Sequence[Endpoint], int, Sequence[Endpoint]]] = {}
         self._scheduler = scheduler
+        self._tokenizes = scheduler.tokenizes
         self._mirror_scheduler = mirror_scheduler
         self._rng = rng or random.Random()
         self._observe = observe_schedule
@@ -158,7 +159,7 @@ class Router:
     @property
     def tokenizes(self) -> bool:
         """Whether a request may need the model server's token ids before routing (:meth:`prepare`)."""
-        return self._scheduler.tokenizes
+        return self._tokenizes
 
     def prepare(self, request: InferenceRequest) -> tuple[InferenceRequest, list[TokenizeNeed]]:
         """The request with its model policy applied, and the ``/tokenize`` calls the transport

@@ -28,7 +28,7 @@ import pytest
 from epp.datalayer.kvcollect import KVEventCollector
 from epp.datalayer.kvevents import KVEventIndex
 from epp.datalayer.tokenize import TokenizeClient
-from epp.domain import Endpoint, InferenceRequest
+from epp.domain import Endpoint
 from epp.openai import parse_inference_request
 from epp.scheduling.blockkeys import BlockKeys
 from epp.scheduling.tokenizers import LlmdSimTokenizer, ServerTokenizer
@@ -237,17 +237,18 @@ async def test_its_own_tokenize_endpoint_gives_the_keys_its_events_report(collec
         await c.received(sim.address, seen + 2)
     server = ServerTokenizer(url=sim.url, timeout=DEADLINE)
     keys = BlockKeys(server)
-    client = TokenizeClient(lambda: None)
+    client = TokenizeClient(lambda model: None)
     try:
         chat = parse_inference_request(orjson.dumps(body), {}, path="/v1/chat/completions")[0]
-        completion = InferenceRequest(request_id="c", model=MODEL, target_model=MODEL, prompt=prompt)
+        completion = parse_inference_request(orjson.dumps({"model": MODEL, "prompt": prompt}), {},
+                                             path="/v1/completions")[0]  # fmt: skip
         for request, blocks in ((chat, 5), (completion, 4)):
             need = server.need(request)
             assert need is not None
             await client(need)
-            text = keys.request_text(request.prompt, request.messages)
-            assert list(server.token_ids(text)) == list(TOKENIZER.token_ids(KEYS.request_text(request.prompt,
-                                                                                               request.messages)))
-            assert c.index.leading_run(sim.address, keys.prompt_keys(text, MODEL, BS)) == blocks
+            ids = server.ids_for(request)
+            assert ids is not None
+            assert list(ids) == list(TOKENIZER.token_ids(KEYS.request_text(request.prompt, request.messages)))
+            assert c.index.leading_run(sim.address, keys.id_keys(ids, MODEL, BS)) == blocks
     finally:
         await client.aclose()

@@ -4,15 +4,16 @@ Used by the precise prefix scorer's ``tokenizer: vllm-tokenize``: before a reque
 prompt it has not seen is scheduled, the transport awaits :class:`TokenizeClient` for it,
 which POSTs vLLM's tokenize request (``{"model", "prompt"}`` or ``{"model", "messages"}``,
 see ``epp.scheduling.tokenizers.TokenizeNeed.body``) and hands the ``tokens`` of the answer
-back to the tokenizer's cache.  The server is the job's URL, else a routable model server of
-the pool (``pick_server``), so nothing more than the pool itself needs deploying.
+back to the tokenizer's cache.  The server is the job's URL, else a model server of the pool
+that serves the job's model (``pick_server``), so nothing more than the pool itself needs
+deploying.
 
 Plain HTTP over epp's lean keep-alive client (``epp.datalayer.httpget``): in a cluster the
 servers' API port is plain HTTP, as the scraper reads it.  Never raises and never waits past
 the job's timeout: a failure (connection, status, a body
 that is not vLLM's answer, ids outside uint32) or a timeout delivers nothing, and the
 decision falls back on the approximate index for that request.  Each call is counted by
-outcome (``ok``, ``timeout``, ``error``, ``no_server``) with its duration.
+outcome (``ok``, ``timeout``, ``error``, ``no_server``, ``cancelled``) with its duration.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class TokenizeJob(Protocol):
 
     @property
     def url(self) -> str: ...
+    @property
+    def model(self) -> str: ...
     @property
     def timeout(self) -> float: ...
     def body(self) -> dict[str, object]: ...
@@ -83,7 +86,7 @@ class TokenizeClient:
 
     def __init__(
         self,
-        pick_server: Callable[[], str | None],
+        pick_server: Callable[[str], str | None],
         *,
         observe: Callable[[str, float], None] | None = None,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
@@ -92,6 +95,7 @@ class TokenizeClient:
         self._observe = observe
         self._max = max_response_bytes
         self._idle: OrderedDict[str, list[HttpGetter]] = OrderedDict()
+        self._closed = False
 
     async def __call__(self, job: TokenizeJob) -> None:
         started = time.perf_counter()
@@ -99,7 +103,7 @@ class TokenizeClient:
         try:
             url = job.url
             if not url:
-                address = self._pick()
+                address = None if self._closed else self._pick(job.model)
                 if address is None:
                     outcome = "no_server"
                     return
@@ -110,6 +114,9 @@ class TokenizeClient:
             outcome = "ok"
         except TimeoutError:
             outcome = "timeout"
+        except asyncio.CancelledError:  # the request went away (its stream ended)
+            outcome = "cancelled"
+            raise
         except (HttpGetError, OSError, _BadAnswer, ValueError) as exc:  # ValueError: a bad port in a URL
             log.debug("tokenize failed: %s", exc)
         finally:
@@ -124,7 +131,10 @@ class TokenizeClient:
             host, port, path = _target(url)
             getter = HttpGetter(host, port, path, max_bytes=self._max)
         status, data = await getter.post(body)  # an exception or a cancellation closes its connection
-        self._release(url, getter)
+        if self._closed:
+            getter.close()
+        else:
+            self._release(url, getter)
         if status != 200:
             raise _BadAnswer(f"HTTP {status} from {url}")
         return _token_ids(data)
@@ -143,6 +153,7 @@ class TokenizeClient:
             getter.close()
 
     async def aclose(self) -> None:
+        self._closed = True
         for idle in self._idle.values():
             for getter in idle:
                 getter.close()

@@ -172,23 +172,23 @@ def _body_mode(value: int, direction: str) -> BodySendMode:
 
 # fetches one TokenizeNeed and delivers it (or not, on failure: the decision falls back); never raises
 Tokenize = Callable[[TokenizeNeed], Awaitable[None]]
+_TOKENIZE_MARGIN = 0.05  # seconds past a call's own timeout before the decision stops waiting for it
 
 
 class Pending:
     """Responses that wait on I/O first: a request whose decision needs the model server's
     token ids (``tokenizer: vllm-tokenize``).  The servicer awaits :meth:`result`; everything
-    else about a stream stays synchronous."""
+    else about a stream stays synchronous.  ``extra`` (a trailers reply) is sent after the
+    decision's replies, not after a rejection (an immediate response ends the stream)."""
 
     __slots__ = ("_work", "extra")
 
-    def __init__(self, work: Coroutine[Any, Any, list[Response]]) -> None:
-        self._work = work
-        self.extra: list[Response] = []  # sent after the work's responses (a trailers reply)
+    def __init__(self, work: Callable[[list[Response]], Coroutine[Any, Any, list[Response]]]) -> None:
+        self.extra: list[Response] = []
+        self._work = work(self.extra)
 
     async def result(self) -> list[Response]:
-        out = await self._work
-        out.extend(self.extra)
-        return out
+        return await self._work
 
 
 class ExtProcStream:
@@ -356,7 +356,9 @@ class ExtProcStream:
             resolved, needs = self._router.prepare(request)
             if needs:
                 return Pending(
-                    self._route_after(needs, request, resolved, body=body, doc=doc, end_of_stream=end_of_stream)
+                    lambda extra: self._route_after(
+                        needs, request, resolved, body=body, doc=doc, end_of_stream=end_of_stream, extra=extra
+                    )
                 )
             return self._routed(request, self._router.route(resolved, resolved=True), body, doc, end_of_stream)
         return self._routed(request, self._router.route(request), body, doc, end_of_stream)
@@ -370,15 +372,28 @@ class ExtProcStream:
         body: bytes,
         doc: Any,
         end_of_stream: bool,
+        extra: list[Response],
     ) -> list[Response]:
-        """Fetch the token ids, then decide (on the approximate index for ids that did not come)."""
+        """Fetch the token ids, then decide (on the approximate index for ids that did not come).
+
+        The fetch is bounded here too (its own timeout, plus a margin), and whatever it raises
+        is logged, not sent: the decision comes regardless."""
         assert self._tokenize is not None
         tokenize = self._tokenize
-        await asyncio.gather(*(tokenize(n) for n in needs))
         try:
-            return self._routed(request, self._router.route(resolved, resolved=True), body, doc, end_of_stream)
+            async with asyncio.timeout(max(n.timeout for n in needs) + _TOKENIZE_MARGIN):
+                results = await asyncio.gather(*(tokenize(n) for n in needs), return_exceptions=True)
+            for r in results:
+                if isinstance(r, Exception):
+                    log.warning("token ids not fetched: %r", r)
+        except TimeoutError:
+            log.warning("token ids not fetched within their timeout")
+        try:
+            out = self._routed(request, self._router.route(resolved, resolved=True), body, doc, end_of_stream)
         except Rejected as rejected:
             return [self._reject(rejected)]
+        out.extend(extra)
+        return out
 
     def _routed(
         self, request: InferenceRequest, pick: Pick, body: bytes, doc: Any, end_of_stream: bool

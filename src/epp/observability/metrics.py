@@ -182,7 +182,7 @@ class EppMetrics:
         self.tokenize_duration = HotHistogram(
             "epp_tokenize_duration_seconds",
             "Calls to a model server's /tokenize before a decision (tokenizer: vllm-tokenize), by outcome "
-            "(ok, timeout, error, no_server).",
+            "(ok, timeout, error, no_server, cancelled).",
             ["outcome"],
             buckets=_TOKENIZE_BUCKETS,
             registry=r,

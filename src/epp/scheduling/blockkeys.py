@@ -26,11 +26,13 @@ epp has no model tokenizer, so the scheme's ``Tokenizer`` is pluggable:
   token ``i`` = UTF-8 bytes ``[4i, 4i+4)`` as a little-endian uint32.  Its packed tokens are
   the text's bytes, so keys cost one xxh3 per block and no token list is built.
 * ``ServerTokenizer`` (``tokenizer: vllm-tokenize``): the ids the model server's own
-  ``/tokenize`` returns, fetched before the decision; it makes the same scheme match a real
-  vLLM (any model, its chat template), whose events carry the real token ids;
+  ``/tokenize`` returns for the request, fetched before the decision and keyed here with
+  :meth:`BlockKeys.id_keys`; it makes the same scheme match a real vLLM (any model, its chat
+  template), whose events carry the real token ids;
 * anything else with ``token_ids(text) -> Sequence[int]`` (an in-process Hugging Face
   tokenizer, say).  A tokenizer that cannot answer now raises ``TokensPending``: the
-  scorer then uses the approximate index for that request.
+  scorer then uses the approximate index for that request, as it does when a server
+  tokenizer's ids did not come.
 
 Invariants: equal (tokens, block size, model, seed) give equal keys in every process;
 a prompt that extends another shares its leading keys; keys are 64-bit unsigned ints.
@@ -137,6 +139,14 @@ class BlockKeys:
             return []
         data = struct.pack(f"<{n * block_size}I", *token_ids[: n * block_size])
         return self._chain_bytes(parent, data, n, block_size * _BYTES_PER_TOKEN)
+
+    def id_keys(self, token_ids: Sequence[int], model: str, block_size: int) -> list[int]:
+        """Keys of the leading full blocks of a prompt given as ids, at most ``max_blocks``."""
+        n = min(len(token_ids) // block_size, self.max_blocks)
+        if n == 0:
+            return []
+        data = struct.pack(f"<{n * block_size}I", *token_ids[: n * block_size])
+        return self._chain_bytes(self.root(model), data, n, block_size * _BYTES_PER_TOKEN)
 
     def request_text(self, prompt: str, messages: Sequence[tuple[str, str]] = ()) -> str:
         """The text the server tokenizes: a chat request through the tokenizer's chat template

@@ -93,12 +93,14 @@ class Scheduler:
         self._pre_request: list[PreRequest] = [
             inner for s, _ in profile.scorers if isinstance(inner := getattr(s, "inner", s), PreRequest)
         ]
-        # precise scorers that read the model server's own token ids (tokenizer: vllm-tokenize)
+        # precise scorers on KV events that read the model server's own token ids (tokenizer:
+        # vllm-tokenize); without the KV-event index (bound before this) they score on the approximate one
         self._server_tokens = [
             inner
             for s, _ in profile.scorers
             if isinstance(inner := getattr(s, "inner", s), PrecisePrefixCacheScorer)
             and isinstance(inner.keys.tokenizer, ServerTokenizer)
+            and inner.index is not None
         ]
 
     @property

@@ -16,6 +16,7 @@ from epp.scheduling.blockkeys import BlockKeys, BlockLookup
 from epp.scheduling.tokenizers import ServerTokenizer, TokenizeNeed, TokensPending
 
 _UNKNOWN_QUEUE = 1 << 20  # a stale endpoint's queue: worse than any real one
+_MISSING = object()
 
 
 @dataclass
@@ -120,16 +121,23 @@ class PrecisePrefixCacheScorer:
     type: str = "precise-prefix-cache-scorer"
 
     def _keys(self, request: InferenceRequest, c: Candidates, block_size: int) -> list[int] | None:
-        """The prompt's keys at ``block_size``; None when its token ids are not known
-        (``TokensPending``: a server tokenizer whose answer did not come)."""
+        """The prompt's keys at ``block_size``; None when its token ids are not known (a server
+        tokenizer's answer did not come, or a tokenizer raised ``TokensPending``)."""
         slot = ("precise-keys", id(self.keys), block_size)
-        if slot in c.cache:
-            return cast("list[int] | None", c.cache[slot])
-        text = self.keys.request_text(request.prompt, request.messages)
-        try:
-            keys: list[int] | None = self.keys.prompt_keys(text, request.target_model, block_size)
-        except TokensPending:
-            keys = None
+        cached = c.cache.get(slot, _MISSING)
+        if cached is not _MISSING:
+            return cast("list[int] | None", cached)
+        keys: list[int] | None
+        chain, tokenizer = self.keys, self.keys.tokenizer
+        if isinstance(tokenizer, ServerTokenizer):
+            ids = tokenizer.ids_for(request)
+            keys = None if ids is None else chain.id_keys(ids, request.target_model, block_size)
+        else:
+            try:
+                keys = chain.prompt_keys(chain.request_text(request.prompt, request.messages), request.target_model,
+                                         block_size)  # fmt: skip
+            except TokensPending:
+                keys = None
         c.cache[slot] = keys
         return keys
 

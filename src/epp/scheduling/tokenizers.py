@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import itertools
 import re
+from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import orjson
+import xxhash
 
 from epp.domain import InferenceRequest
 
@@ -81,23 +85,18 @@ class LlmdSimTokenizer:
         return out
 
 
-_CHAT_KEY = "\0chat\0"  # starts every chat's cache key
-
-
 class TokensPending(LookupError):
     """The server's token ids for this text are not known (not fetched, or the fetch failed)."""
 
 
 @dataclass(eq=False, slots=True)
 class TokenizeNeed:
-    """One ``/tokenize`` call a request needs before its decision: ``prompt`` (a completion) or
-    ``messages`` (a chat, which the server renders through its own chat template)."""
+    """One ``/tokenize`` call a request needs before its decision."""
 
     tokenizer: ServerTokenizer
-    key: str
+    key: int
     model: str
-    prompt: str = ""
-    messages: tuple[tuple[str, str], ...] = field(default=())
+    source: Mapping[str, object]  # InferenceRequest.prompt_source: a chat's fields, or {"prompt": text}
 
     @property
     def url(self) -> str:
@@ -109,69 +108,93 @@ class TokenizeNeed:
         return self.tokenizer.timeout
 
     def body(self) -> dict[str, object]:
-        """vLLM's request: ``TokenizeCompletionRequest`` or ``TokenizeChatRequest``, with the
-        defaults its completion and chat endpoints use (special tokens for a prompt; for a chat,
-        none and the generation prompt), so the ids are the ones the server's blocks hold."""
-        if self.messages:
-            return {
-                "model": self.model,
-                "messages": [{"role": role, "content": text} for role, text in self.messages],
-                "add_generation_prompt": True,
-                "add_special_tokens": False,
-            }
-        return {"model": self.model, "prompt": self.prompt, "add_special_tokens": True}
+        """vLLM's request (``TokenizeChatRequest`` or ``TokenizeCompletionRequest``): the fields
+        that shape the prompt, as the client sent them.  Absent ones take the server's defaults,
+        which its tokenize, chat and completion endpoints share (special tokens for a prompt;
+        for a chat none, and the generation prompt), so the ids are the ones its blocks hold."""
+        return {"model": self.model, **self.source}
 
     def deliver(self, token_ids: Sequence[int]) -> None:
         self.tokenizer.put(self.key, token_ids)
 
 
 class ServerTokenizer:
-    """The model server's token ids, fetched before a decision (module docstring) and kept in a
-    bounded LRU (``cache_size`` texts) so a repeated prompt is asked once.
+    """The model server's token ids for a request, fetched before the decision (module
+    docstring), kept in a bounded LRU: at most ``cache_size`` prompts and ``cache_ids`` ids in
+    all, each entry cut at ``max_ids`` (the keys never read further).
 
-    ``token_ids`` of a text it was not given raises :class:`TokensPending`; the precise scorer
-    then scores on the approximate index for that request.  One tokenizer per pool: the ids do
-    not depend on which server (or adapter) produced them.
+    Keyed by a 128-bit digest of the target model and the request's ``prompt_source`` (its
+    canonical JSON), so equal requests share an entry and no request can write under
+    another's.  A prompt sent as token ids needs no call: its ids are the source.
     """
 
     name = "vllm-tokenize"
 
-    def __init__(self, *, url: str = "", timeout: float = 0.05, cache_size: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        url: str = "",
+        timeout: float = 0.05,
+        cache_size: int = 1024,
+        cache_ids: int = 4 << 20,
+        max_ids: int = 1 << 16,
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.cache_size = cache_size
-        self._ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self.cache_ids = cache_ids
+        self.max_ids = max_ids
+        self._ids: OrderedDict[int, array[int]] = OrderedDict()
+        self._held = 0  # ids held over all entries
+        self._memo: tuple[object, str, int] | None = None  # (source, model, key) of the last request
 
-    def chat_text(self, messages: Sequence[tuple[str, str]]) -> str:
-        """A chat's key: its messages (the server renders them; epp never sees the rendering)."""
-        return _CHAT_KEY + "".join(f"{role}\0{text}\0" for role, text in messages)
+    def _key(self, source: Mapping[str, object], model: str) -> int:
+        memo = self._memo
+        if memo is not None and memo[0] is source and memo[1] == model:
+            return memo[2]
+        canonical = orjson.dumps(source, option=orjson.OPT_SORT_KEYS)
+        key = xxhash.xxh3_128_intdigest(canonical, seed=xxhash.xxh3_64_intdigest(model.encode()))
+        self._memo = (source, model, key)
+        return key
 
     def need(self, request: InferenceRequest) -> TokenizeNeed | None:
-        """The call this request needs, or None (no prompt, or its ids are known).  A completion
-        whose prompt looks like a chat's key is never asked for (so never cached): a client
-        cannot put ids under another request's key."""
-        if request.messages:
-            key = self.chat_text(request.messages)
-        elif request.prompt and not request.prompt.startswith(_CHAT_KEY):
-            key = request.prompt
-        else:
+        """The call this request needs, or None (a batch, a prompt of token ids, or ids known)."""
+        source = request.prompt_source
+        if source is None or "token_ids" in source:
             return None
+        key = self._key(source, request.target_model)
         if key in self._ids:
             self._ids.move_to_end(key)
             return None
-        return TokenizeNeed(self, key, request.target_model, request.prompt, request.messages)
+        return TokenizeNeed(self, key, request.target_model, source)
 
-    def put(self, key: str, token_ids: Sequence[int]) -> None:
-        self._ids[key] = tuple(token_ids)
-        self._ids.move_to_end(key)
-        while len(self._ids) > self.cache_size:
-            self._ids.popitem(last=False)
+    def ids_for(self, request: InferenceRequest) -> Sequence[int] | None:
+        """The request's token ids (at most ``max_ids``), or None when they are not known."""
+        source = request.prompt_source
+        if source is None:
+            return None
+        given = source.get("token_ids")
+        if isinstance(given, list):
+            return given[: self.max_ids]
+        return self._ids.get(self._key(source, request.target_model))
+
+    def put(self, key: int, token_ids: Sequence[int]) -> None:
+        ids = array("I", token_ids[: self.max_ids])
+        old = self._ids.pop(key, None)
+        if old is not None:
+            self._held -= len(old)
+        self._ids[key] = ids
+        self._held += len(ids)
+        while len(self._ids) > self.cache_size or (self._held > self.cache_ids and len(self._ids) > 1):
+            self._held -= len(self._ids.popitem(last=False)[1])
 
     def __len__(self) -> int:
         return len(self._ids)
 
+    @property
+    def held_ids(self) -> int:
+        return self._held
+
     def token_ids(self, text: str, limit: int | None = None) -> Sequence[int]:
-        ids = self._ids.get(text)
-        if ids is None:
-            raise TokensPending(text[:64])
-        return ids if limit is None else ids[:limit]
+        """(The ``Tokenizer`` protocol.)  Ids are per request, not per text: see :meth:`ids_for`."""
+        raise TokensPending("a server tokenizer's ids are read per request (ids_for)")

@@ -23,6 +23,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Job:
     url: str
     timeout: float = 2.0
+    model: str = "m"
     delivered: list[list[int]] = field(default_factory=list)
 
     def body(self) -> dict[str, object]:
@@ -70,7 +71,7 @@ async def server() -> AsyncIterator[Server]:
 async def client() -> AsyncIterator[tuple[TokenizeClient, list[str]]]:
     outcomes: list[str] = []
     pick: list[str | None] = [None]
-    c = TokenizeClient(lambda: pick[0], observe=lambda outcome, seconds: outcomes.append(outcome))
+    c = TokenizeClient(lambda model: pick[0], observe=lambda outcome, seconds: outcomes.append(outcome))
     c.pick = pick  # type: ignore[attr-defined]  # the test's handle on which server the pool offers
     yield c, outcomes
     await c.aclose()
@@ -128,7 +129,7 @@ async def test_a_bad_answer_delivers_nothing(server: Server, client, status: int
 
 async def test_an_answer_past_the_size_bound_delivers_nothing(server: Server) -> None:
     outcomes: list[str] = []
-    c = TokenizeClient(lambda: None, observe=lambda o, s: outcomes.append(o), max_response_bytes=64)
+    c = TokenizeClient(lambda model: None, observe=lambda o, s: outcomes.append(o), max_response_bytes=64)
     try:
         big = orjson.dumps({"tokens": list(range(100))})
 
@@ -177,3 +178,33 @@ async def test_nothing_listening_is_an_error(client) -> None:
     job = Job(f"http://127.0.0.1:{port}")
     await c(job)
     assert job.delivered == [] and outcomes == ["error"]
+
+
+async def test_a_call_the_request_abandons_is_counted_as_cancelled(server: Server, client) -> None:
+    c, outcomes = client
+    never = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def stuck(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await never.wait()
+        return web.json_response({"tokens": [9]})
+
+    server.answer[0] = stuck
+    job = Job(server.url)
+    call = asyncio.ensure_future(c(job))
+    await arrived.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    never.set()
+    assert job.delivered == [] and outcomes == ["cancelled"]
+
+
+async def test_after_close_nothing_is_asked(server: Server, client) -> None:
+    c, outcomes = client
+    c.pick[0] = server.address
+    await c.aclose()
+    job = Job("")
+    await c(job)
+    assert job.delivered == [] and outcomes == ["no_server"] and server.bodies == []
