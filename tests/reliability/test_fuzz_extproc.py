@@ -20,6 +20,11 @@ messages Envoy sends built by ``support.messages``.  Two kinds of conversation:
   what must hold whatever arrives: nothing escapes ``handle()`` / ``close()``, and no
   claim leaks.
 
+Both run twice: on ``epp-default``, and on a precise profile whose decisions first wait
+for the model server's token ids (``tokenizer: vllm-tokenize``; the stream returns a
+``Pending``, awaited as the servicer does; the test's fetch delivers ids for half the
+prompts and nothing for the rest), where the same replies must come.
+
 Each example gets its own datastore and metrics (a leak left to the next example would
 make every later one fail, and hypothesis would shrink to an innocent one), and checks
 after every message and after ``close()`` that the claims and the ``running`` gauge add up.
@@ -30,6 +35,7 @@ database, no deadline (the machine is shared).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections.abc import Iterator
@@ -37,18 +43,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from epp.datalayer import Datastore
+from epp.datalayer.kvevents import KVEventIndex
 from epp.domain import Endpoint, ModelPolicy, TargetModel
 from epp.extproc.protocol import MAX_CHUNK_BYTES, BodySendMode
-from epp.extproc.stream import ExtProcStream
+from epp.extproc.stream import ExtProcStream, Pending
 from epp.observability.metrics import EppMetrics
 from epp.routing import Router
-from epp.scheduling import build_scheduler
+from epp.scheduling import build_scheduler, parse_config
+from epp.scheduling.blockkeys import BlockKeys
+from epp.scheduling.tokenizers import TokenizeNeed
 from epp.wire import DESTINATION_HEADER, LB_NAMESPACE, SUBSET_HINT_NAMESPACE, SUBSET_KEY, TEST_SELECTION_HEADER
 
 from support import datastore
@@ -67,14 +77,22 @@ RUNNING = "inference_model_running_requests"
 # ---- the stream under test, with a fresh datastore and metrics per example ------------------
 
 
+async def half_delivered(need: TokenizeNeed) -> None:
+    """Ids for every other prompt (by its cache key); nothing for the rest, as on a failed call."""
+    if need.key % 2:
+        need.deliver(list(range(64)))
+
+
 @dataclass
 class World:
     store: Datastore
     metrics: EppMetrics
     router: Router
+    tokenizing: bool = False
 
     def stream(self, *, hooks: bool) -> ExtProcStream:
-        return ExtProcStream(self.router, self.metrics, max_body_bytes=MAX_BODY, conformance_hooks=hooks)
+        return ExtProcStream(self.router, self.metrics, max_body_bytes=MAX_BODY, conformance_hooks=hooks,
+                             tokenize=half_delivered if self.tokenizing else None)  # fmt: skip
 
     def running(self) -> float:
         """The sum of the ``running`` gauge over every model label."""
@@ -89,21 +107,31 @@ class World:
         assert 0 <= self.running() <= at_most
 
 
-def world() -> World:
-    """Model ``m`` is rewritten to ``m-target``; ``same`` is served as named; anything else is a 404."""
+PRECISE = parse_config("""
+plugins:
+- {type: precise-prefix-cache-scorer, parameters: {tokenizer: vllm-tokenize}}
+- {type: estimated-queue-scorer}
+- {type: max-score-picker, parameters: {maxNumOfEndpoints: 3}}
+""")
+
+
+def world(tokenizing: bool = False) -> World:
+    """Model ``m`` is rewritten to ``m-target``; ``same`` is served as named; anything else is a 404.
+    ``tokenizing``: decisions wait for token ids first (module docstring)."""
     policies = {
         "m": ModelPolicy("m", targets=(TargetModel("m-target", 100),)),
         "same": ModelPolicy("same"),
     }
     store = datastore(ENDPOINTS, models=policies, mirror=SHADOWS)
     rng = random.Random(7)
-    router = Router(
-        store,
-        build_scheduler("epp-default", store, rng=rng, max_endpoints=3),
-        mirror_scheduler=build_scheduler("least-loaded", store, rng=rng),
-        rng=rng,
+    scheduler = (
+        build_scheduler(PRECISE, store, rng=rng, max_endpoints=3, kv_index=KVEventIndex(BlockKeys()))
+        if tokenizing
+        else build_scheduler("epp-default", store, rng=rng, max_endpoints=3)
     )
-    return World(store, EppMetrics(CollectorRegistry()), router)
+    router = Router(store, scheduler, mirror_scheduler=build_scheduler("least-loaded", store, rng=rng), rng=rng)
+    assert router.tokenizes == tokenizing
+    return World(store, EppMetrics(CollectorRegistry()), router, tokenizing)
 
 
 # ---- strategies -------------------------------------------------------------------------
@@ -375,6 +403,9 @@ def drive(stream: ExtProcStream, msgs: list[Any], *, cancelled: bool, w: World) 
     try:
         for msg in msgs:
             replies = stream.handle(msg)
+            if isinstance(replies, Pending):  # the servicer awaits it before reading the next message
+                event("the decision waited for token ids")
+                replies = asyncio.run(replies.result())
             sent.append(Sent(msg, replies))
             kinds = sent[-1].kinds
             if "immediate_response" in kinds:  # the last thing epp sends on the stream
@@ -560,10 +591,13 @@ def check_bodies(conv: Conversation, sent: list[Sent], stream: ExtProcStream) ->
     return request_done and routed_on_body, response_done and bool(conv.resp_chunks)
 
 
+@pytest.mark.parametrize("tokenizing", [False, True], ids=["epp-default", "waits-for-token-ids"])
 @CI
 @given(conv=conversations())
-def test_envoy_shaped_conversations_follow_the_protocol_and_release_every_claim(conv: Conversation) -> None:
-    w = world()
+def test_envoy_shaped_conversations_follow_the_protocol_and_release_every_claim(
+    conv: Conversation, tokenizing: bool
+) -> None:
+    w = world(tokenizing)
     stream = w.stream(hooks=conv.hooks)
     sent = drive(stream, conv.messages[: conv.cut], cancelled=conv.cancelled, w=w)
     check_protocol(conv, sent, stream)
@@ -631,8 +665,11 @@ def test_a_rewritten_model_is_restored_in_every_response_byte(conv: Conversation
     cancelled=False,
     hooks=False,
 )
-def test_any_message_order_never_raises_nor_leaks_a_claim(msgs: list[Any], cancelled: bool, hooks: bool) -> None:
-    w = world()
+@pytest.mark.parametrize("tokenizing", [False, True], ids=["epp-default", "waits-for-token-ids"])
+def test_any_message_order_never_raises_nor_leaks_a_claim(
+    msgs: list[Any], cancelled: bool, hooks: bool, tokenizing: bool
+) -> None:
+    w = world(tokenizing)
     stream = w.stream(hooks=hooks)
     sent = drive(stream, msgs, cancelled=cancelled, w=w)
     answered = [k for k, _ in all_replies(sent)]
