@@ -119,6 +119,25 @@ async def warm_up(http: aiohttp.ClientSession, c: KVEventCollector, sim: llmd_si
     raise AssertionError(f"no KV event from {sim.name} after 5 warm-up requests:\n{sim.log_tail()}")
 
 
+Chatted = tuple[KVEventCollector, llmd_sim.LlmdSim, int, dict[str, Any], dict[str, Any]]
+
+
+async def chat_to_one_sim(collect: Collect, sims: Any, http: aiohttp.ClientSession) -> Chatted:
+    """A simulator publishing to a collector, warmed up, then one chat (80 tokens once rendered)
+    sent straight to it: the collector, the simulator, the messages applied before the chat, the
+    chat's body and its usage."""
+    c = collect()
+    sim = await sims(c, "--use-vllm-map-event-format")
+    c.follow([Endpoint(sim.address, sim.name)])
+    seen = await warm_up(http, c, sim)
+    messages = [{"role": "system", "content": words(40, "rule")}, {"role": "user", "content": words(30, "ask")}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
+    async with http.post(sim.url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        usage: dict[str, Any] = (await r.json())["usage"]
+    return c, sim, seen, body, usage
+
+
 async def test_completions_blocks_match_what_epp_computes(collect: Collect, sims, http) -> None:
     c = collect()
     sim = await sims(c, "--use-vllm-map-event-format")
@@ -160,15 +179,8 @@ async def test_chat_keys_follow_the_simulators_chat_template(collect: Collect, s
     ``InferenceRequest.prompt`` is ``<role>:<content>\\n`` (its keys miss the blocks), but the
     llmd-sim tokenizer renders the request's messages with the simulator's template, so the keys
     the precise scorer uses (``request_text``) hit every block."""
-    c = collect()
-    sim = await sims(c, "--use-vllm-map-event-format")
-    c.follow([Endpoint(sim.address, sim.name)])
-    seen = await warm_up(http, c, sim)
-    messages = [{"role": "system", "content": words(40, "rule")}, {"role": "user", "content": words(30, "ask")}]
-    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
-    async with http.post(sim.url + "/v1/chat/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        usage = (await r.json())["usage"]
+    c, sim, seen, body, usage = await chat_to_one_sim(collect, sims, http)
+    messages = body["messages"]
     async with asyncio.timeout(DEADLINE):
         await c.received(sim.address, seen + 1)
     sim_text = "".join(f"### {m['role']}: {m['content']}\n" for m in messages)
@@ -223,14 +235,7 @@ async def test_its_own_tokenize_endpoint_gives_the_keys_its_events_report(collec
     """``tokenizer: vllm-tokenize`` against a server we did not write: the ids the simulator's
     ``POST /tokenize`` returns for a completion and for a chat (rendered by its own template)
     are the ones its KV events carry, and the ones ``LlmdSimTokenizer`` reproduces."""
-    c = collect()
-    sim = await sims(c, "--use-vllm-map-event-format")
-    c.follow([Endpoint(sim.address, sim.name)])
-    seen = await warm_up(http, c, sim)
-    messages = [{"role": "system", "content": words(40, "rule")}, {"role": "user", "content": words(30, "ask")}]
-    body = {"model": MODEL, "messages": messages, "max_tokens": 2}
-    async with http.post(sim.url + "/v1/chat/completions", json=body) as r:
-        assert r.status == 200, await r.text()
+    c, sim, seen, body, _ = await chat_to_one_sim(collect, sims, http)
     prompt = words(64, "plain")
     await complete(http, sim, prompt)
     async with asyncio.timeout(DEADLINE):

@@ -35,6 +35,7 @@ from support.messages import (
     set_headers,
 )
 from support.sim import text_of
+from support.upstreams import serve_app
 
 MODEL = "/model/llama2"
 DEADLINE = 10.0
@@ -166,12 +167,9 @@ async def stuck_server() -> AsyncIterator[tuple[str, asyncio.Event]]:
 
     app = web.Application()
     app.router.add_post("/tokenize", tokenize)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, port = await serve_app(app)
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", release
+        yield f"http://127.0.0.1:{port}", release
     finally:
         release.set()
         await runner.cleanup()

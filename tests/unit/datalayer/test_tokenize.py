@@ -16,6 +16,8 @@ from aiohttp import web
 
 from epp.datalayer.tokenize import TokenizeClient
 
+from support.upstreams import serve_app
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -56,11 +58,7 @@ async def server() -> AsyncIterator[Server]:
 
     app = web.Application()
     app.router.add_post("/tokenize", tokenize)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await serve_app(app)
     try:
         yield Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{port}", bodies, answer)
     finally:
