@@ -98,7 +98,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--scheduling-profile",
         default="epp-default",
-        help="built-in profile when no --config-file: epp-default, gie-default, least-inflight, round-robin, random",
+        help="built-in profile when no --config-file: epp-default, gie-default, least-inflight, round-robin, "
+        "random; with KV events epp-precise (epp-sim's tokenizer) or epp-precise-vllm (the model server's /tokenize)",
     )
     p.add_argument("--refresh-metrics-interval", type=_arg(parse_duration), default=0.05, metavar="DURATION")
     p.add_argument("--metrics-staleness-threshold", type=_arg(parse_duration), default=2.0, metavar="DURATION")

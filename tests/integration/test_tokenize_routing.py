@@ -85,14 +85,19 @@ Start = Callable[..., Any]
 
 @pytest.fixture
 def start_epp(write_pool, start_app, tmp_path: Path, pods: list[SimPod]) -> Start:
-    async def start(extra: str = "") -> App:
-        config = tmp_path / "epp-config.yaml"
-        config.write_text(CONFIG % extra)
+    async def start(extra: str | None = None) -> App:
+        """``extra``: parameters added to CONFIG's precise scorer; None: the built-in ``epp-precise-vllm``."""
+        if extra is None:
+            profile: dict[str, str] = {"scheduling_profile": "epp-precise-vllm"}
+        else:
+            config = tmp_path / "epp-config.yaml"
+            config.write_text(CONFIG % extra)
+            profile = {"config_file": str(config)}
         app: App = await start_app(
             write_pool([p.address for p in pods], models=[{"modelName": MODEL}]),
-            config_file=str(config),
             kv_events_port=pods[0].kv_port,  # type: ignore[attr-defined]
             refresh_metrics_interval=0,
+            **profile,
         )
         for pod in pods:
             assert pod.kv_events is not None

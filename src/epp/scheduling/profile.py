@@ -379,6 +379,13 @@ schedulingProfiles:
 # pods that publish no events still get the approximate match.  Needs the KV-event
 # subscriber (``build_scheduler(kv_index=...)``); without it, it routes as epp-default.
 _BUILTIN["epp-precise"] = _BUILTIN["epp-default"].replace("prefix-cache-scorer", "precise-prefix-cache-scorer")
+# epp-precise keyed on the model server's own token ids (its /tokenize, asked before a decision):
+# what a real vLLM needs; epp-precise's default tokenizer reproduces epp-sim's only
+_BUILTIN["epp-precise-vllm"] = _BUILTIN["epp-precise"].replace(
+    "{type: precise-prefix-cache-scorer, parameters: {affinityMaxExtraLoad: 4}}",
+    "{type: precise-prefix-cache-scorer, parameters: {affinityMaxExtraLoad: 4, tokenizer: vllm-tokenize}}",
+)
+assert _BUILTIN["epp-precise-vllm"] != _BUILTIN["epp-precise"]
 
 BUILTIN_PROFILES: tuple[str, ...] = tuple(sorted(_BUILTIN))
 
