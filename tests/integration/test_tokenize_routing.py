@@ -1,5 +1,5 @@
 """``tokenizer: vllm-tokenize`` through ``epp serve``'s wiring: an in-process App over gRPC
-asks a pod's own ``POST /tokenize`` (epp-sim, vLLM's shape) for a request's token ids before
+(and once behind real Envoy) asks a pod's own ``POST /tokenize`` (epp-sim, vLLM's shape) for a request's token ids before
 the decision, and routes a chat on the blocks the pods' KV events report; when no answer
 comes (nothing listening, or too late) the request is still routed, on the approximate index.
 
@@ -22,6 +22,9 @@ import pytest
 from aiohttp import web
 
 from epp.app import App
+from epp.config import load_pool_file
+from epp.envoy.config import render_bootstrap
+from epp.envoy.process import EnvoyProcess
 from epp_sim.domain import EngineConfig
 from epp_sim.profiles import FAST
 from epp_sim.server import PodConfig, SimPod
@@ -159,6 +162,37 @@ async def test_a_chat_routes_on_the_blocks_the_servers_own_ids_name(start_epp, p
     assert await routed(client, chat(systems[0], "question 1")) == homes[0].address
     assert tokenize_calls(pods) == 8  # a prompt seen before is not asked again
     await until_idle(app)
+
+
+async def test_through_real_envoy_chats_reach_the_pods_holding_their_prefixes(start_epp, pods, write_pool) -> None:
+    """The same with Envoy in front (the default lean wiring): the client's chats are answered
+    by the pods whose events hold their system prompts; epp asked the pods' /tokenize first."""
+    app = await start_epp()
+    homes = [pods[2], pods[0]]
+    systems = [text_of(400, f"[router docs {i}] ") for i in range(len(homes))]
+    envoy = EnvoyProcess(render_bootstrap(load_pool_file(write_pool([p.address for p in pods], name="envoy.yaml")),
+                                          listen_port=0, epp_address=f"127.0.0.1:{app.grpc_port}"))  # fmt: skip
+    await envoy.start()
+    try:
+        url = "http://" + await envoy.listener_address()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE)) as http:
+            for system, home in zip(systems, homes, strict=True):  # straight to the pods: bypasses epp
+                async with http.post(home.url + "/v1/chat/completions", json=chat(system, "first")) as r:
+                    assert r.status == 200
+            for pod in pods:
+                assert pod.kv_events is not None
+                await asyncio.wait_for(app.kv_subscriber.received(pod.address, pod.kv_events.seq), DEADLINE)
+            served = []
+            for n in range(2):
+                for system in systems:
+                    async with http.post(url + "/v1/chat/completions", json=chat(system, f"question {n}")) as r:
+                        assert r.status == 200, await r.text()
+                        served.append(r.headers["x-sim-pod"])
+        assert served == [home.name for home in homes] * 2  # on the approximate index: right once in 9
+        assert tokenize_calls(pods) == 4 and outcomes(app, "ok") == 4
+        await until_idle(app)
+    finally:
+        await envoy.aclose()
 
 
 @pytest.fixture
