@@ -76,6 +76,41 @@ async def test_the_claim_lasts_exactly_as_long_as_an_sse_response(gateway):
     await idle(gw)
 
 
+async def test_ext_proc_streams_end_with_a_clean_close_not_a_reset(gateway):
+    """epp's bootstrap sets Envoy's ``ext_proc_graceful_grpc_close``: each ext_proc stream is
+    half-closed and ends with epp's trailers, never reset (a reset leaks native memory in
+    grpc.aio on every stream; ``epp.envoy.config.GRACEFUL_CLOSE``)."""
+    gw = await gateway(body_mode="lean", models=OPEN)
+    counters = r"cluster\.epp\.upstream_rq_(total|tx_reset)$"
+    before = await gw.envoy.stats(counters)
+    for doc in (COMPLETION, {**COMPLETION, "stream": True}, COMPLETION):
+        status, _, _ = await gw.post(doc)
+        assert status == 200
+    await idle(gw)
+    after = await gw.envoy.stats(counters)
+    delta = {k.rsplit(".", 1)[1]: after[k] - before.get(k, 0) for k in after}
+    assert delta == {"upstream_rq_total": 3, "upstream_rq_tx_reset": 0}
+
+
+async def test_a_client_that_gives_up_before_the_response_is_counted_cancelled(gateway):
+    """With the graceful close the stream's end is clean even for a request cut off: epp counts
+    it from what it saw (no response), not from how the stream ended."""
+    gw = await gateway(body_mode="lean", models=OPEN, refresh_metrics_interval=0)
+    for u in gw.upstreams:
+        u.hold = asyncio.Event()  # the pod never answers while the client waits
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(http.post(gw.url + "/v1/completions", json=COMPLETION))
+        await wait_for_arrivals(gw.upstreams, 1, method="POST")
+        request.cancel()  # the client goes away before any response header
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await idle(gw)
+    assert gw.value("inference_model_request_error_total", {"model_name": "m", "target_model_name": "m",
+                                                             "error_code": "Cancelled"}) == 1  # fmt: skip
+    for u in gw.upstreams:
+        u.hold.set()  # type: ignore[union-attr]
+
+
 async def test_a_client_that_disconnects_mid_stream_releases_the_claim(gateway):
     gw = await gateway(body_mode="lean", models=OPEN, refresh_metrics_interval=0)
     for u in gw.upstreams:

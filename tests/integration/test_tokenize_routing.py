@@ -1,7 +1,8 @@
 """``tokenizer: vllm-tokenize`` through ``epp serve``'s wiring: an in-process App over gRPC
-(and once behind real Envoy) asks a pod's own ``POST /tokenize`` (epp-sim, vLLM's shape) for a request's token ids before
-the decision, and routes a chat on the blocks the pods' KV events report; when no answer
-comes (nothing listening, or too late) the request is still routed, on the approximate index.
+(and once behind real Envoy) asks a pod's own ``POST /tokenize`` (epp-sim, vLLM's shape) for
+a request's token ids before the decision, and routes a chat on the blocks the pods' KV
+events report; when no answer comes (nothing listening, or too late) the request is still
+routed, on the approximate index.
 
 No sleeps: the test waits until each publisher has seen its subscriber and until the
 subscriber has applied what a pod published, each bounded by a deadline.  The one timed

@@ -37,6 +37,10 @@ Choices, each tested against Envoy 1.40 (the facts are in ``docs/envoy-wiring.md
 * **Circuit breakers.**  Envoy allows 1024 concurrent requests per cluster by default;
   every downstream request is also one ext_proc stream to ``epp``, so a load test
   would see overflow 503s long before epp or the model servers are the limit.
+* **Graceful stream close** (runtime ``ext_proc_graceful_grpc_close``): Envoy half-closes each
+  ext_proc stream and waits for epp's trailers instead of resetting it, which grpc.aio turns
+  into a per-stream native memory leak.  epp reads a request's fate from what it saw, not
+  from how the stream ended, so the lean wiring's end-of-request signal is unchanged.
 * **No SO_REUSEPORT** on the listener, so a port clash fails at start instead of
   splitting traffic with another Envoy.
 * **Connections to epp.**  Envoy multiplexes every ext_proc stream of a worker thread on one
@@ -176,6 +180,24 @@ def render_bootstrap(
         "admin": {"address": _socket_address("127.0.0.1", admin_port)},
         "static_resources": {"listeners": [listener], "clusters": clusters},
         "overload_manager": _overload_manager(),
+        "layered_runtime": _runtime(),
+    }
+
+
+# Envoy ends every ext_proc stream with RST_STREAM by default (a half-close, then a reset).
+# grpc.aio (grpcio 1.85) leaks the buffer of the read a reset fails, ~80-120 bytes of native
+# memory per stream (grpc/grpc#43360; measured in tests/reliability/README.md).  Opting in to
+# the graceful close (a half-close, then a wait of up to 1 s for the server's trailers) ends
+# each stream cleanly instead.
+GRACEFUL_CLOSE = "envoy.reloadable_features.ext_proc_graceful_grpc_close"
+
+
+def _runtime() -> dict[str, Any]:
+    return {
+        "layers": [
+            {"name": "epp", "static_layer": {GRACEFUL_CLOSE: True}},
+            {"name": "admin", "admin_layer": {}},
+        ]
     }
 
 

@@ -552,7 +552,11 @@ class ExtProcStream:
         return responses.immediate_response(rejected, extra)
 
     def close(self, *, cancelled: bool = False) -> None:
-        """End of the gRPC stream (normal, error or cancellation): release exactly once."""
+        """End of the gRPC stream (normal, error or cancellation): release exactly once.
+
+        Whether the request was cut off is read from what the stream saw, not from how it
+        ended (``cancelled``: a reset, Envoy's default; a clean half-close with its runtime
+        ``ext_proc_graceful_grpc_close``, which epp's bootstraps set)."""
         if self._closed:
             return
         self._closed = True
@@ -561,8 +565,9 @@ class ExtProcStream:
             # Cut off before its end: before any response, or mid-body where a body comes to epp.
             # In the lean wiring (no response body) the stream's close after the headers *is* the end.
             cut = not ctx.resp.status or ctx.resp.mode is not BodySendMode.NONE
-            if cancelled and ctx.series is not None and cut:
+            if cut and ctx.series is not None:
                 self._metrics.request_error_total.labels(ctx.model, ctx.target_model, "Cancelled").inc()
-            if ctx.resp.status or not cancelled:
+                log.debug("request cut off (stream %s)", "reset" if cancelled else "closed")
+            if ctx.resp.status:
                 self._finish_response()
         self._release()  # also a claim taken after the response ended (an out-of-order stream)

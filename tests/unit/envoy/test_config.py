@@ -10,7 +10,7 @@ import yaml
 
 from epp.config import PoolFile, parse_pool_file
 from epp.envoy import cluster_name, dump_bootstrap, render_bootstrap
-from epp.envoy.config import BodyMode, LbMode
+from epp.envoy.config import GRACEFUL_CLOSE, BodyMode, LbMode
 from epp.errors import ConfigError
 from epp.wire import ADMIN_PATHS
 
@@ -102,6 +102,8 @@ def test_every_combination(body_mode: BodyMode, lb: LbMode, tls: bool, mirror: b
     assert proc["message_timeout"] == "300s"
     assert proc["metadata_options"]["receiving_namespaces"] == {"untyped": ["envoy.lb"]}
     assert proc["metadata_options"]["forwarding_namespaces"] == {"untyped": ["envoy.lb", "envoy.lb.subset_hint"]}
+    # ext_proc streams end with a half-close and epp's trailers, not a reset (see GRACEFUL_CLOSE)
+    assert boot["layered_runtime"]["layers"][0] == {"name": "epp", "static_layer": {GRACEFUL_CLOSE: True}}
     if body_mode == "full-duplex":
         assert mode["request_body_mode"] == mode["response_body_mode"] == "FULL_DUPLEX_STREAMED"
         assert mode["request_trailer_mode"] == mode["response_trailer_mode"] == "SEND"

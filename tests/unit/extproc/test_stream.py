@@ -109,9 +109,31 @@ def test_a_stream_closed_after_the_response_headers_is_an_error_only_where_a_bod
     for message in (headers(request_mode, response_mode), m.request_body(BODY), m.response_headers(200)):
         s.handle(message)
     s.close(cancelled=True)  # lean: the normal end; full duplex: the body was cut off
-    errors = [x for metric in s._metrics.registry.collect() if metric.name == "inference_model_request_error"
-              for x in metric.samples if x.name.endswith("_total") and x.labels.get("error_code") == "Cancelled"]
-    assert sum(x.value for x in errors) == (1 if cut else 0)
+    assert _cancelled(s) == (1 if cut else 0)
+
+
+def _cancelled(s: ExtProcStream) -> float:
+    """The stream's ``inference_model_request_error_total{error_code="Cancelled"}``, all models."""
+    samples = (x for metric in s._metrics.registry.collect() if metric.name == "inference_model_request_error"
+               for x in metric.samples)  # fmt: skip
+    return sum(x.value for x in samples if x.name.endswith("_total") and x.labels.get("error_code") == "Cancelled")
+
+
+@pytest.mark.parametrize("cancelled", [True, False], ids=["reset", "graceful-close"])
+def test_how_the_stream_ends_does_not_change_what_the_request_was(cancelled):
+    """Envoy resets the stream by default and half-closes it with ``ext_proc_graceful_grpc_close``
+    (epp's bootstraps): either way a request with no response yet was cut off, and a lean one
+    past its response headers is complete."""
+    cut, _ = stream()
+    for message in (headers(BUFFERED, NONE), m.request_body(BODY)):
+        cut.handle(message)
+    cut.close(cancelled=cancelled)
+    assert _cancelled(cut) == 1 and cut.ctx.resp.state is not ResponseState.DONE  # no response: nothing observed
+    done, store = stream()
+    for message in (headers(BUFFERED, NONE), m.request_body(BODY), m.response_headers(200)):
+        done.handle(message)
+    done.close(cancelled=cancelled)
+    assert _cancelled(done) == 0 and done.ctx.resp.state is ResponseState.DONE and store.load.total_inflight() == 0
 
 
 def _served_metadata(message: Any, address: str) -> Any:
