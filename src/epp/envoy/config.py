@@ -193,12 +193,8 @@ GRACEFUL_CLOSE = "envoy.reloadable_features.ext_proc_graceful_grpc_close"
 
 
 def _runtime() -> dict[str, Any]:
-    return {
-        "layers": [
-            {"name": "epp", "static_layer": {GRACEFUL_CLOSE: True}},
-            {"name": "admin", "admin_layer": {}},
-        ]
-    }
+    # no admin layer: runtime stays read-only through the admin port, as without layered_runtime
+    return {"layers": [{"name": "epp", "static_layer": {GRACEFUL_CLOSE: True}}]}
 
 
 def dump_bootstrap(bootstrap: dict[str, Any]) -> str:

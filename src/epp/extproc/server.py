@@ -75,7 +75,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         stream = self._new_stream()
         self.open_streams += 1
         self._idle.clear()
-        cancelled = True
+        cancelled, failed = True, False
         try:
             async for message in request_iterator:
                 out = stream.handle(message)
@@ -88,10 +88,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             cancelled = False
         except Exception:
             log.exception("ext_proc stream failed")
-            cancelled = False
+            cancelled, failed = False, True
             await context.abort(grpc.StatusCode.INTERNAL, "epp internal error")
         finally:
-            stream.close(cancelled=cancelled)
+            stream.close(cancelled=cancelled, failed=failed)
             self.open_streams -= 1
             if self.open_streams == 0:
                 self._idle.set()

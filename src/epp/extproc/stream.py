@@ -551,12 +551,14 @@ class ExtProcStream:
         extra = {} if REQUEST_ID_HEADER in ctx.req.headers else {REQUEST_ID_HEADER: ctx.request_id}
         return responses.immediate_response(rejected, extra)
 
-    def close(self, *, cancelled: bool = False) -> None:
+    def close(self, *, cancelled: bool = False, failed: bool = False) -> None:
         """End of the gRPC stream (normal, error or cancellation): release exactly once.
 
         Whether the request was cut off is read from what the stream saw, not from how it
         ended (``cancelled``: a reset, Envoy's default; a clean half-close with its runtime
-        ``ext_proc_graceful_grpc_close``, which epp's bootstraps set)."""
+        ``ext_proc_graceful_grpc_close``, which ``epp envoy-config``'s own wirings set).  A
+        request cut off by epp's own failure (``failed``) counts as ``Internal``, one already
+        answered with an immediate response counts only as that."""
         if self._closed:
             return
         self._closed = True
@@ -565,9 +567,10 @@ class ExtProcStream:
             # Cut off before its end: before any response, or mid-body where a body comes to epp.
             # In the lean wiring (no response body) the stream's close after the headers *is* the end.
             cut = not ctx.resp.status or ctx.resp.mode is not BodySendMode.NONE
-            if cut and ctx.series is not None:
-                self._metrics.request_error_total.labels(ctx.model, ctx.target_model, "Cancelled").inc()
-                log.debug("request cut off (stream %s)", "reset" if cancelled else "closed")
+            if cut and ctx.series is not None and not self.finished:
+                reason = "Internal" if failed else "Cancelled"
+                self._metrics.request_error_total.labels(ctx.model, ctx.target_model, reason).inc()
+                log.debug("request cut off (stream %s)", "failed" if failed else "reset" if cancelled else "closed")
             if ctx.resp.status:
                 self._finish_response()
         self._release()  # also a claim taken after the response ended (an out-of-order stream)

@@ -103,7 +103,7 @@ def test_every_combination(body_mode: BodyMode, lb: LbMode, tls: bool, mirror: b
     assert proc["metadata_options"]["receiving_namespaces"] == {"untyped": ["envoy.lb"]}
     assert proc["metadata_options"]["forwarding_namespaces"] == {"untyped": ["envoy.lb", "envoy.lb.subset_hint"]}
     # ext_proc streams end with a half-close and epp's trailers, not a reset (see GRACEFUL_CLOSE)
-    assert boot["layered_runtime"]["layers"][0] == {"name": "epp", "static_layer": {GRACEFUL_CLOSE: True}}
+    assert boot["layered_runtime"] == {"layers": [{"name": "epp", "static_layer": {GRACEFUL_CLOSE: True}}]}
     if body_mode == "full-duplex":
         assert mode["request_body_mode"] == mode["response_body_mode"] == "FULL_DUPLEX_STREAMED"
         assert mode["request_trailer_mode"] == mode["response_trailer_mode"] == "SEND"

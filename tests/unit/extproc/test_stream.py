@@ -136,6 +136,29 @@ def test_how_the_stream_ends_does_not_change_what_the_request_was(cancelled):
     assert _cancelled(done) == 0 and done.ctx.resp.state is ResponseState.DONE and store.load.total_inflight() == 0
 
 
+def _errors(s: ExtProcStream) -> dict[str, float]:
+    samples = (x for metric in s._metrics.registry.collect() if metric.name == "inference_model_request_error"
+               for x in metric.samples if x.name.endswith("_total"))  # fmt: skip
+    return {x.labels["error_code"]: x.value for x in samples}
+
+
+def test_a_request_cut_off_by_epps_own_failure_is_internal_not_cancelled():
+    s, store = stream()
+    for message in (headers(BUFFERED, NONE), m.request_body(BODY)):
+        s.handle(message)
+    s.close(failed=True)  # the servicer's handler raised
+    assert _errors(s) == {"Internal": 1} and store.load.total_inflight() == 0
+
+
+def test_a_request_rejected_after_routing_counts_once():
+    s, store = stream()
+    for message in (headers(BUFFERED, NONE), m.request_body(BODY)):
+        s.handle(message)
+    assert kinds(s.handle(headers(BUFFERED, NONE))) == ["immediate_response"]  # headers twice: a client, not Envoy
+    s.close()
+    assert _errors(s) == {"BadRequest": 1} and store.load.total_inflight() == 0
+
+
 def _served_metadata(message: Any, address: str) -> Any:
     message.metadata_context.filter_metadata["envoy.lb"].fields[
         "x-gateway-destination-endpoint-served"
