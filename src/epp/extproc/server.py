@@ -58,6 +58,31 @@ def unix_socket_path(address: str) -> str:
     return path
 
 
+async def _decide_unless_ended(
+    pending: Pending, messages: AsyncIterator[Any]
+) -> tuple[list[Any] | None, asyncio.Future[Any] | None]:
+    """Await a deferred decision while reading the stream's next message: Envoy sends nothing
+    until it has the decision, so a read that ends first means the stream ended (a half-close:
+    the HTTP request is gone) and the decision is dropped unmade, claiming nothing.  Returns
+    the decision's replies (None when dropped) and the read still under way, if any, whose
+    message comes next."""
+    work = asyncio.ensure_future(pending.result())
+    read: asyncio.Future[Any] = asyncio.ensure_future(anext(messages))
+    try:
+        await asyncio.wait((work, read), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        read.cancel()
+        raise
+    if work.done():
+        return work.result(), read
+    if isinstance(read.exception(), StopAsyncIteration):
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None, None
+    return await work, read  # a message before the decision (not Envoy's way): it is handled after it
+
+
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """One ``ExtProcStream`` per call; its ``close`` runs whatever way the call ends.
 
@@ -76,11 +101,21 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.open_streams += 1
         self._idle.clear()
         cancelled, failed = True, False
+        messages = aiter(request_iterator)
+        ahead: asyncio.Future[Any] | None = None  # the next message, read while a decision waited
         try:
-            async for message in request_iterator:
+            while True:
+                try:
+                    message = await (ahead if ahead is not None else anext(messages))
+                except StopAsyncIteration:
+                    break
+                ahead = None
                 out = stream.handle(message)
                 if isinstance(out, Pending):  # the decision waits on the model server's token ids
-                    out = await out.result()
+                    decided, ahead = await _decide_unless_ended(out, messages)
+                    if decided is None:
+                        break  # the stream ended first (Envoy's graceful close: the client left)
+                    out = decided
                 for response in out:
                     yield response
                 if stream.finished:
@@ -91,6 +126,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             cancelled, failed = False, True
             await context.abort(grpc.StatusCode.INTERNAL, "epp internal error")
         finally:
+            if ahead is not None:
+                ahead.cancel()
             stream.close(cancelled=cancelled, failed=failed)
             self.open_streams -= 1
             if self.open_streams == 0:

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from epp.datalayer.kvevents import KVEventIndex
+from epp.extproc.server import ExtProcServicer
 from epp.extproc.stream import ExtProcStream, Pending
 from epp.observability.metrics import EppMetrics
 from epp.routing import Router
@@ -178,3 +179,60 @@ async def test_a_stream_that_ends_while_waiting_leaks_no_claim() -> None:
         await task
     s.close(cancelled=True)
     assert s.ctx.ticket is None and store.load.total_inflight() == 0
+
+
+# ---- the servicer's side: ExtProcServicer.Process races the decision against the stream's end ----
+
+
+class Stub:
+    """The servicer's gRPC context: only ``abort`` is used (on an internal error)."""
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise AssertionError(f"aborted: {code} {details}")
+
+
+async def test_a_stream_that_ends_while_the_decision_waits_is_dropped_unrouted() -> None:
+    """With Envoy's graceful close a client that leaves shows as the stream's end: the servicer
+    stops waiting at once, cancels the fetch, and decides nothing (no claim, no index entry)."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(need: TokenizeNeed) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    router, store = routing()
+    metrics = EppMetrics(CollectorRegistry())
+    servicer = ExtProcServicer(lambda: ExtProcStream(router, metrics, max_body_bytes=1 << 20, tokenize=slow), metrics)
+
+    async def envoy() -> Any:  # headers, the body, then the half-close once the wait began
+        yield msg.request_headers({}, mode=msg.FULL_DUPLEX)
+        yield msg.request_body(BODY)
+        await started.wait()
+
+    replies = [r async for r in servicer.Process(envoy(), Stub())]
+    assert replies == [] and cancelled.is_set()
+    assert store.load.total_inflight() == 0 and servicer.open_streams == 0
+    routed = metrics.registry.get_sample_value("inference_model_request_total", {"model_name": "base",
+                                               "target_model_name": "base"})  # fmt: skip
+    assert routed is None  # no decision was made: nothing counted, nothing claimed
+
+
+async def test_after_the_decision_the_next_message_read_during_the_wait_is_handled() -> None:
+    router, store = routing()
+    metrics = EppMetrics(CollectorRegistry())
+    servicer = ExtProcServicer(lambda: ExtProcStream(router, metrics, max_body_bytes=1 << 20,
+                                                     tokenize=delivering), metrics)  # fmt: skip
+
+    async def envoy() -> Any:
+        yield msg.request_headers({}, mode=msg.FULL_DUPLEX)
+        yield msg.request_body(BODY)
+        yield msg.response_headers(200)
+
+    replies = [r async for r in servicer.Process(envoy(), Stub())]
+    assert kinds(replies) == ["request_headers", "request_body", "response_headers"]
+    assert store.load.total_inflight() == 0 and servicer.open_streams == 0
+
