@@ -118,11 +118,14 @@ def parse_inference_request(
     subset: tuple[str, ...] | None = None,
     objective: str = "",
     model_rewrite: str = "",
+    prompt_source: bool = False,
 ) -> tuple[InferenceRequest, dict[str, Any]]:
     """Parse an OpenAI request body; return the request and the decoded JSON document.
 
     ``objective`` and ``model_rewrite`` are what the transport read from its headers (the
     InferenceObjective name, the gateway's model-rewrite header), passed through.
+    ``prompt_source``: also fill ``InferenceRequest.prompt_source`` (only a server tokenizer
+    reads it, so the transport asks for it only then).
     """
     try:
         doc = orjson.loads(body)
@@ -147,7 +150,7 @@ def parse_inference_request(
         model_rewrite=model_rewrite,
         headers=headers,
         messages=messages or (),
-        prompt_source=_prompt_source(doc, messages is not None),
+        prompt_source=_prompt_source(doc, messages is not None) if prompt_source else None,
     )
     return request, doc
 

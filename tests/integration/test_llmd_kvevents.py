@@ -244,9 +244,9 @@ async def test_its_own_tokenize_endpoint_gives_the_keys_its_events_report(collec
     keys = BlockKeys(server)
     client = TokenizeClient(lambda model: None)
     try:
-        chat = parse_inference_request(orjson.dumps(body), {}, path="/v1/chat/completions")[0]
+        chat = parse_inference_request(orjson.dumps(body), {}, path="/v1/chat/completions", prompt_source=True)[0]
         completion = parse_inference_request(orjson.dumps({"model": MODEL, "prompt": prompt}), {},
-                                             path="/v1/completions")[0]  # fmt: skip
+                                             path="/v1/completions", prompt_source=True)[0]  # fmt: skip
         for request, blocks in ((chat, 5), (completion, 4)):
             need = server.need(request)
             assert need is not None

@@ -183,9 +183,9 @@ class Pending:
 
     __slots__ = ("_work", "extra")
 
-    def __init__(self, work: Callable[[list[Response]], Coroutine[Any, Any, list[Response]]]) -> None:
-        self.extra: list[Response] = []
-        self._work = work(self.extra)
+    def __init__(self, work: Coroutine[Any, Any, list[Response]], extra: list[Response]) -> None:
+        self._work = work
+        self.extra = extra  # the list ``work`` appends after a decision
 
     async def result(self) -> list[Response]:
         return await self._work
@@ -350,16 +350,16 @@ class ExtProcStream:
             subset=req.subset,
             objective=headers.get(OBJECTIVE_HEADER, ""),
             model_rewrite=headers.get(MODEL_REWRITE_HEADER, ""),
+            prompt_source=self._tokenize is not None,
         )
         ctx.model = request.model
         if self._tokenize is not None:
             resolved, needs = self._router.prepare(request)
             if needs:
-                return Pending(
-                    lambda extra: self._route_after(
-                        needs, request, resolved, body=body, doc=doc, end_of_stream=end_of_stream, extra=extra
-                    )
-                )
+                extra: list[Response] = []
+                work = self._route_after(needs, request, resolved, body=body, doc=doc, end_of_stream=end_of_stream,
+                                         extra=extra)  # fmt: skip
+                return Pending(work, extra)
             return self._routed(request, self._router.route(resolved, resolved=True), body, doc, end_of_stream)
         return self._routed(request, self._router.route(request), body, doc, end_of_stream)
 

@@ -31,7 +31,7 @@ plugins:
 
 
 def parse(body: dict[str, Any], path: str = "/v1/completions") -> InferenceRequest:
-    return parse_inference_request(orjson.dumps(body), {}, path=path)[0]
+    return parse_inference_request(orjson.dumps(body), {}, path=path, prompt_source=True)[0]
 
 
 def completion(prompt: Any, model: str = "m", **extra: Any) -> InferenceRequest:
@@ -83,6 +83,11 @@ def test_keys_name_the_whole_request_and_its_model() -> None:
     reordered = parse({"messages": crafted.prompt_source["messages"], "max_tokens": 3, "model": "m"},  # type: ignore[index]
                       "/v1/chat/completions")  # fmt: skip
     assert tok.need(reordered) is None  # the same request with its fields in another order: the same entry
+
+
+def test_the_source_is_read_only_when_asked_for() -> None:
+    assert parse_inference_request(orjson.dumps({"model": "m", "prompt": "p"}), {})[0].prompt_source is None
+    assert completion("p").prompt_source == {"prompt": "p"}
 
 
 def test_prompts_given_as_ids_need_no_call_and_batches_are_not_keyed() -> None:
