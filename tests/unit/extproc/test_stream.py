@@ -112,11 +112,16 @@ def test_a_stream_closed_after_the_response_headers_is_an_error_only_where_a_bod
     assert _cancelled(s) == (1 if cut else 0)
 
 
-def _cancelled(s: ExtProcStream) -> float:
-    """The stream's ``inference_model_request_error_total{error_code="Cancelled"}``, all models."""
+def _errors(s: ExtProcStream) -> dict[str, float]:
+    """The stream's ``inference_model_request_error_total`` by error code (one model per stream)."""
     samples = (x for metric in s._metrics.registry.collect() if metric.name == "inference_model_request_error"
-               for x in metric.samples)  # fmt: skip
-    return sum(x.value for x in samples if x.name.endswith("_total") and x.labels.get("error_code") == "Cancelled")
+               for x in metric.samples if x.name.endswith("_total"))  # fmt: skip
+    return {x.labels["error_code"]: x.value for x in samples}
+
+
+def _cancelled(s: ExtProcStream) -> float:
+    """The stream's ``inference_model_request_error_total{error_code="Cancelled"}``."""
+    return _errors(s).get("Cancelled", 0.0)
 
 
 @pytest.mark.parametrize("cancelled", [True, False], ids=["reset", "graceful-close"])
@@ -134,12 +139,6 @@ def test_how_the_stream_ends_does_not_change_what_the_request_was(cancelled):
         done.handle(message)
     done.close(cancelled=cancelled)
     assert _cancelled(done) == 0 and done.ctx.resp.state is ResponseState.DONE and store.load.total_inflight() == 0
-
-
-def _errors(s: ExtProcStream) -> dict[str, float]:
-    samples = (x for metric in s._metrics.registry.collect() if metric.name == "inference_model_request_error"
-               for x in metric.samples if x.name.endswith("_total"))  # fmt: skip
-    return {x.labels["error_code"]: x.value for x in samples}
 
 
 def test_a_request_cut_off_by_epps_own_failure_is_internal_not_cancelled():
